@@ -1,0 +1,107 @@
+"""One error hierarchy; `api/app.py` maps it to the OpenAI error body in exactly one place."""
+
+from __future__ import annotations
+
+
+class FluxportError(Exception):
+    """Base error: carries the HTTP status and the OpenAI error fields."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(FluxportError):
+    """The client's fault (400); never retried elsewhere."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class ContentPolicyViolation(InvalidRequest):
+    """A provider's safety checker refused the prompt or the result."""
+
+    code = "content_policy_violation"
+
+
+class NotFound(FluxportError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(FluxportError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimited(FluxportError):
+    """Too many requests (ours or a provider's); carries Retry-After in seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, param: str | None = None) -> None:
+        # The SDK stops retrying above 120 s, so never ask for more.
+        self.retry_after = max(0.0, min(retry_after, 120.0))
+        super().__init__(
+            message,
+            param=param,
+            headers={
+                "retry-after": str(max(1, round(self.retry_after))),
+                "retry-after-ms": str(int(self.retry_after * 1000)),
+            },
+        )
+
+
+class ServiceUnavailable(FluxportError):
+    """A known model with no configured provider: retrying cannot help (x-should-retry: false)."""
+
+    status = 503
+    type = "server_error"
+    code = "no_provider_configured"
+
+    def __init__(self, message: str, *, param: str | None = "model") -> None:
+        super().__init__(message, param=param, headers={"x-should-retry": "false"})
+
+
+class ProviderFailure(FluxportError):
+    """The provider's fault (5xx, timeout, connection fault, malformed answer): retriable elsewhere."""
+
+    status = 502
+    type = "server_error"
+    code = "provider_error"
+
+
+class Interrupted(FluxportError):
+    status = 500
+    type = "server_error"
+    code = "interrupted"

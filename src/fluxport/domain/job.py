@@ -1,0 +1,78 @@
+"""ImageJob: the normalised request every provider receives (pure data, no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Operation(StrEnum):
+    GENERATE = "generate"
+    EDIT = "edit"
+
+
+@dataclass(frozen=True, order=True)
+class Size:
+    width: int
+    height: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def megapixels(self) -> float:
+        """Megapixels with 1 MP = 1024 x 1024 px, the providers' billing unit."""
+        return self.pixels / (1024 * 1024)
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """A validated reference image: bytes as the provider should receive them."""
+
+    data: bytes
+    format: str  # "png" | "jpeg" | "webp"
+    width: int
+    height: int
+
+    @property
+    def mime(self) -> str:
+        return f"image/{self.format}"
+
+    @property
+    def size(self) -> Size:
+        return Size(self.width, self.height)
+
+
+OUTPUT_FORMATS = ("png", "jpeg", "gif", "webp", "avif")
+LOSSY_FORMATS = frozenset({"jpeg", "webp", "avif"})
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """Everything a provider needs to make the images of one request (or one slice of it)."""
+
+    request_id: str
+    model: str
+    operation: Operation
+    prompt: str
+    size: Size  # the size the client receives; providers may generate on their own grid
+    n: int = 1
+    seed: int = 0  # image i of this job uses seed + i
+    seed_given: bool = False
+    cfg_scale: float | None = None
+    prompt_enhancement: bool = False
+    output_format: str = "png"
+    output_compression: int | None = None
+    response_format: str = "url"
+    references: tuple[ReferenceImage, ...] = ()
+    # Provider-specific and unknown fields, handed on untouched.
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def image_seed(self, index: int) -> int:
+        return (self.seed + index) % 2**32

@@ -1,0 +1,117 @@
+"""The provider seam: what a provider can do, how it reports progress, what it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from fluxport.domain.job import ImageJob, Size
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+class Behaviour(StrEnum):
+    """How a parameter reached the provider."""
+
+    PASSTHROUGH = "passthrough"  # sent as is
+    RENAMED = "renamed"  # same meaning, other field name
+    CONVERTED = "converted"  # value translated (e.g. size -> aspect ratio, snapped grid)
+    EMULATED = "emulated"  # the service does it (e.g. n by parallel calls, url storage)
+
+
+Stage = Literal["queued", "loading", "step", "decoding", "done"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress of one provider call: step i of N, optionally a small preview image (PNG bytes)."""
+
+    stage: Stage
+    step: int = 0
+    total: int = 0
+    preview: bytes | None = None
+    message: str = ""
+
+
+# Called from any thread (the device worker too); must be cheap and thread-safe.
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def no_progress(event: ProgressEvent) -> None:
+    """A progress callback that ignores everything."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can do for one model."""
+
+    max_images_per_call: int = 1
+    max_references: int = 4
+    native_output_formats: frozenset[str] = frozenset({"png"})
+    extras: frozenset[str] = frozenset()  # provider-specific request fields it understands
+    supports_prompt_enhancement: bool = False
+    supports_cfg_scale: bool = True
+
+
+@dataclass(frozen=True)
+class ProviderState:
+    configured: bool
+    detail: str  # how it is configured, or how to configure it
+
+
+@dataclass
+class GeneratedImage:
+    """One image from a provider: pixels (in-process providers) or encoded bytes (hosted ones)."""
+
+    content: bytes | Image
+    width: int
+    height: int
+    format: str | None = None  # for bytes: "png" | "jpeg" | "webp"; None for pixels
+    seed: int | None = None
+
+    @property
+    def size(self) -> Size:
+        return Size(self.width, self.height)
+
+
+@dataclass
+class AttemptTimings:
+    """Seconds, measured by the provider from the start of its call."""
+
+    queued_s: float = 0.0  # waiting for a device / in the provider's queue
+    first_byte_s: float | None = None  # first byte of the result
+    generation_s: float | None = None  # the model's own work
+    total_s: float = 0.0
+
+
+@dataclass
+class ProviderResult:
+    images: list[GeneratedImage]
+    timings: AttemptTimings = field(default_factory=AttemptTimings)
+    revised_prompt: str | None = None
+    normalization: dict[str, Behaviour] = field(default_factory=dict)
+    provider_request_id: str | None = None
+    billed_usd: float | None = None
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A provider adapter. Errors are raised from `fluxport.domain.errors`:
+    InvalidRequest (client's fault), ProviderFailure (retriable elsewhere), RateLimited."""
+
+    name: str
+
+    def state(self, model: str) -> ProviderState:
+        """Whether this provider can serve `model` as configured."""
+        ...
+
+    def capabilities(self, model: str) -> Capabilities: ...
+
+    async def generate(self, job: ImageJob, progress: ProgressCallback) -> ProviderResult:
+        """Make `job.n` images for `job`; report progress while working."""
+        ...
+
+    async def aclose(self) -> None: ...
