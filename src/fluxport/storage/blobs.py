@@ -1,0 +1,114 @@
+"""Image bytes on local disk, written atomically; paths are relative to the store's root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Final
+
+__all__ = ["TEMP_SUFFIX", "BlobStore", "new_image_id"]
+
+# Leftover temp files (a crash mid-write) end in this, so a sweep can find and remove them.
+TEMP_SUFFIX: Final = ".tmp"
+_IMAGE_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_EXT: Final = re.compile(r"[a-z0-9]{1,10}")
+
+
+def new_image_id() -> str:
+    """An unguessable image id: 192 random bits, URL-safe (32 characters)."""
+    return secrets.token_urlsafe(24)
+
+
+class BlobStore:
+    """Stores blobs under `root` as `<shard>/<image_id>.<ext>`; file I/O runs in worker threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    @staticmethod
+    def relative_path(image_id: str, ext: str) -> str:
+        """Where an image lives: 256 shard dirs keep any one directory small."""
+        if not _IMAGE_ID.fullmatch(image_id):
+            raise ValueError(f"invalid image id {image_id!r}")
+        ext = ext.removeprefix(".").lower()
+        if not _EXT.fullmatch(ext):
+            raise ValueError(f"invalid extension {ext!r}")
+        # Hashing spreads ids evenly and keeps shard names to [0-9a-f] (ids may start with '-').
+        shard = hashlib.sha256(image_id.encode()).hexdigest()[:2]
+        return f"{shard}/{image_id}.{ext}"
+
+    def resolve(self, path: str) -> Path:
+        """The absolute path of a stored blob; refuses anything that would leave the root."""
+        if not path or "\0" in path:
+            raise ValueError("empty or invalid blob path")
+        relative = Path(path)
+        if relative.is_absolute():
+            raise ValueError(f"blob path must be relative: {path!r}")
+        full = (self.root / relative).resolve()
+        if full == self.root or not full.is_relative_to(self.root):
+            raise ValueError(f"blob path escapes the store: {path!r}")
+        return full
+
+    async def save(self, image_id: str, data: bytes, ext: str) -> str:
+        """Write atomically and durably; returns the path relative to the root."""
+        rel = self.relative_path(image_id, ext)
+        await asyncio.to_thread(self._write, self.resolve(rel), data)
+        return rel
+
+    async def read(self, path: str) -> bytes:
+        return await asyncio.to_thread(self.resolve(path).read_bytes)
+
+    async def delete(self, path: str) -> bool:
+        """Remove a blob; returns False if it was already gone."""
+        target = self.resolve(path)
+
+        def unlink() -> bool:
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                return False
+            return True
+
+        return await asyncio.to_thread(unlink)
+
+    def exists(self, path: str) -> bool:
+        return self.resolve(path).is_file()
+
+    @staticmethod
+    def _write(target: Path, data: bytes) -> None:
+        new_shard = not target.parent.is_dir()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Same directory as the target, so os.replace is an atomic rename on one filesystem:
+        # readers see the old file or the whole new one, never a partial write.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a front web server may serve these
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(target.parent)
+        if new_shard:
+            _fsync_dir(target.parent.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible (nor needed) on Windows.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,675 @@
+"""Relational storage: every request, every provider attempt and every saved image (SQLAlchemy 2, async).
+
+The schema is owned by the Alembic migrations in `storage/migrations/`; `Database.open` runs them to
+head, so the ORM classes here must stay in step with the latest revision (a test checks this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    event,
+    false,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import URL, Connection, CursorResult, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeEngine
+
+__all__ = [
+    "ATTEMPT_STATUSES",
+    "INTERRUPTED_ERROR",
+    "OPERATIONS",
+    "REQUEST_STATUSES",
+    "AttemptRecord",
+    "AttemptRow",
+    "AttemptStatus",
+    "Base",
+    "Database",
+    "ImageRecord",
+    "ImageRow",
+    "Operation",
+    "RequestRecord",
+    "RequestRow",
+    "RequestStatus",
+    "alembic_config",
+    "make_engine",
+]
+
+Operation = Literal["generate", "edit"]
+# "rejected": refused before it ran (validation); recorded all the same.
+RequestStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "interrupted"]
+AttemptStatus = Literal["running", "succeeded", "failed", "cancelled"]
+
+OPERATIONS: Final = frozenset({"generate", "edit"})
+REQUEST_STATUSES: Final = frozenset({"queued", "running", "succeeded", "failed", "rejected", "interrupted"})
+_REQUEST_FINAL: Final = frozenset({"succeeded", "failed", "rejected", "interrupted"})
+_REQUEST_IN_FLIGHT: Final = ("queued", "running")
+ATTEMPT_STATUSES: Final = frozenset({"running", "succeeded", "failed", "cancelled"})
+_ATTEMPT_FINAL: Final = frozenset({"succeeded", "failed", "cancelled"})
+
+INTERRUPTED_ERROR: Final[dict[str, Any]] = {
+    "status": 500,
+    "type": "server_error",
+    "code": "interrupted",
+    "param": None,
+    "message": "The server stopped before this request finished.",
+}
+
+MIGRATIONS_DIR: Final = Path(__file__).resolve().with_name("migrations")
+
+# A process-wide writer waits this long for another process's SQLite write lock before failing.
+SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+# Serialises concurrent migrations on one PostgreSQL database (several servers starting at once).
+_PG_MIGRATION_LOCK: Final = 0x666C7578706F7274  # b"fluxport"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend; SQLite keeps no offset, so it stores UTC wall time."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware (UTC) datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def json_type() -> TypeEngine[Any]:
+    """JSON on SQLite, JSONB on PostgreSQL; Python None is SQL NULL, not the JSON literal null."""
+    return JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class RequestRecord(Base):
+    """One client request, whatever happened to it."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        Index("ix_requests_model_created_at", "model", "created_at"),
+        Index("ix_requests_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    model: Mapped[str] = mapped_column(String, nullable=False)
+    operation: Mapped[str] = mapped_column(String, nullable=False)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    params: Mapped[dict[str, Any]] = mapped_column(json_type(), nullable=False)
+    provider: Mapped[str | None] = mapped_column(String)
+    status: Mapped[str] = mapped_column(String, nullable=False)
+    error: Mapped[dict[str, Any] | None] = mapped_column(json_type())
+    queued_ms: Mapped[float | None] = mapped_column(Double)
+    generation_ms: Mapped[float | None] = mapped_column(Double)
+    ttfb_ms: Mapped[float | None] = mapped_column(Double)
+    total_ms: Mapped[float | None] = mapped_column(Double)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+    images: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default=text("0"))
+    revised_prompt: Mapped[str | None] = mapped_column(Text)
+    client_disconnected: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AttemptRecord(Base):
+    """One call to one provider on behalf of a request (failover and hedging make several)."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (
+        Index("ix_attempts_model_provider_started_at", "model", "provider", "started_at"),
+        Index("ix_attempts_request_id", "request_id"),
+    )
+
+    # BIGINT on PostgreSQL; SQLite only autoincrements a column declared exactly INTEGER.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    request_id: Mapped[str] = mapped_column(
+        String, ForeignKey("requests.id", ondelete="CASCADE"), nullable=False
+    )
+    provider: Mapped[str] = mapped_column(String, nullable=False)
+    model: Mapped[str] = mapped_column(String, nullable=False)
+    status: Mapped[str] = mapped_column(String, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    queued_ms: Mapped[float | None] = mapped_column(Double)
+    ttfb_ms: Mapped[float | None] = mapped_column(Double)
+    generation_ms: Mapped[float | None] = mapped_column(Double)
+    total_ms: Mapped[float | None] = mapped_column(Double)
+    error: Mapped[dict[str, Any] | None] = mapped_column(json_type())
+    provider_request_id: Mapped[str | None] = mapped_column(String)
+    normalization: Mapped[dict[str, str] | None] = mapped_column(json_type())
+    billed_usd: Mapped[float | None] = mapped_column(Double)
+
+
+class ImageRecord(Base):
+    """One stored image file; `id` is the unguessable token that appears in image URLs."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("request_id", "index"),
+        Index("ix_images_request_id", "request_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    request_id: Mapped[str] = mapped_column(
+        String, ForeignKey("requests.id", ondelete="CASCADE"), nullable=False
+    )
+    index: Mapped[int] = mapped_column(Integer, nullable=False)
+    path: Mapped[str] = mapped_column(String, nullable=False)
+    format: Mapped[str] = mapped_column(String, nullable=False)
+    mime: Mapped[str] = mapped_column(String, nullable=False)
+    width: Mapped[int] = mapped_column(Integer, nullable=False)
+    height: Mapped[int] = mapped_column(Integer, nullable=False)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    """A snapshot of one `requests` row."""
+
+    id: str
+    created_at: datetime
+    model: str
+    operation: str
+    prompt: str
+    params: dict[str, Any]
+    provider: str | None
+    status: str
+    error: dict[str, Any] | None
+    queued_ms: float | None
+    generation_ms: float | None
+    ttfb_ms: float | None
+    total_ms: float | None
+    width: int | None
+    height: int | None
+    n: int
+    images: int
+    revised_prompt: str | None
+    client_disconnected: bool
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, r: RequestRecord) -> RequestRow:
+        return cls(
+            id=r.id,
+            created_at=r.created_at,
+            model=r.model,
+            operation=r.operation,
+            prompt=r.prompt,
+            params=r.params,
+            provider=r.provider,
+            status=r.status,
+            error=r.error,
+            queued_ms=r.queued_ms,
+            generation_ms=r.generation_ms,
+            ttfb_ms=r.ttfb_ms,
+            total_ms=r.total_ms,
+            width=r.width,
+            height=r.height,
+            n=r.n,
+            images=r.images,
+            revised_prompt=r.revised_prompt,
+            client_disconnected=r.client_disconnected,
+            finished_at=r.finished_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    """A snapshot of one `attempts` row."""
+
+    id: int
+    request_id: str
+    provider: str
+    model: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    queued_ms: float | None
+    ttfb_ms: float | None
+    generation_ms: float | None
+    total_ms: float | None
+    error: dict[str, Any] | None
+    provider_request_id: str | None
+    normalization: dict[str, str] | None
+    billed_usd: float | None
+
+    @classmethod
+    def of(cls, a: AttemptRecord) -> AttemptRow:
+        return cls(
+            id=a.id,
+            request_id=a.request_id,
+            provider=a.provider,
+            model=a.model,
+            status=a.status,
+            started_at=a.started_at,
+            finished_at=a.finished_at,
+            queued_ms=a.queued_ms,
+            ttfb_ms=a.ttfb_ms,
+            generation_ms=a.generation_ms,
+            total_ms=a.total_ms,
+            error=a.error,
+            provider_request_id=a.provider_request_id,
+            normalization=a.normalization,
+            billed_usd=a.billed_usd,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    """One stored image: `path` is relative to the images dir (see `BlobStore`)."""
+
+    id: str
+    request_id: str
+    index: int
+    path: str
+    format: str
+    mime: str
+    width: int
+    height: int
+    bytes: int
+    created_at: datetime | None = None  # set by `add_images` when None
+
+    @classmethod
+    def of(cls, i: ImageRecord) -> ImageRow:
+        return cls(
+            id=i.id,
+            request_id=i.request_id,
+            index=i.index,
+            path=i.path,
+            format=i.format,
+            mime=i.mime,
+            width=i.width,
+            height=i.height,
+            bytes=i.bytes,
+            created_at=i.created_at,
+        )
+
+
+def _check(value: str, allowed: frozenset[str], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"invalid {what} {value!r}; expected one of {sorted(allowed)}")
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # busy_timeout first: switching to WAL itself needs a lock another process may hold.
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    # WAL: readers (stats, image fetches) never block the writer, nor the writer them.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str | URL, *, schema: str | None = None) -> AsyncEngine:
+    """Create the async engine: SQLite gets its parent dir and pragmas, PostgreSQL an optional schema."""
+    sa_url = make_url(url)
+    backend = sa_url.get_backend_name()
+    kwargs: dict[str, Any] = {}
+    if backend == "sqlite":
+        if schema is not None:
+            raise ValueError("schema= is only supported on PostgreSQL")
+        database = sa_url.database
+        if not database or database == ":memory:" or sa_url.query.get("mode") == "memory":
+            # Each pooled connection would see its own empty database (and miss the migrations).
+            raise ValueError("in-memory SQLite is not supported; use a file (a tmp dir in tests)")
+        if not sa_url.query.get("uri"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    elif backend == "postgresql":
+        kwargs["pool_pre_ping"] = True  # survive server restarts and idle-connection reaping
+        if schema is not None:
+            if not _SCHEMA_NAME.fullmatch(schema):
+                raise ValueError(f"invalid schema name {schema!r}")
+            if sa_url.get_driver_name() == "asyncpg":
+                kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+            else:
+                kwargs["connect_args"] = {"options": f"-csearch_path={schema}"}
+    elif schema is not None:
+        raise ValueError("schema= is only supported on PostgreSQL")
+    engine = create_async_engine(sa_url, **kwargs)
+    if backend == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def alembic_config() -> Config:
+    """An Alembic config built in code, so that no alembic.ini is needed at runtime."""
+    cfg = Config()
+    # configparser interpolates '%'.
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return cfg
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    cfg = alembic_config()
+    # env.py runs on this connection instead of opening its own (and calling asyncio.run).
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+async def _migrate(engine: AsyncEngine, schema: str | None) -> None:
+    async with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            # Take the write lock before Alembic reads the version table, so that two processes
+            # opening a fresh file at once do not both try to create the tables.
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif engine.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            if schema is not None:
+                await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.run_sync(_upgrade_to_head)
+
+
+class Database:
+    """Async data access for requests, attempts and images."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # SQLite has one writer per file: queueing our own writers here is cheaper than SQLite's
+        # busy-wait backoff; busy_timeout still covers other processes (CLI, a second server).
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @classmethod
+    async def open(cls, url: str, *, schema: str | None = None) -> Database:
+        """Connect and migrate to head; `schema` (PostgreSQL only) isolates tables, e.g. per test run."""
+        engine = make_engine(url, schema=schema)
+        try:
+            await _migrate(engine, schema)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        if self._write_lock is None:
+            async with self.sessions.begin() as session:
+                yield session
+        else:
+            async with self._write_lock, self.sessions.begin() as session:
+                yield session
+
+    async def _update_one(self, session: AsyncSession, stmt: Any, what: str) -> None:
+        result = cast(CursorResult[Any], await session.execute(stmt))
+        if result.rowcount == 0:
+            raise LookupError(f"no such {what}")
+
+    # Requests
+
+    async def create_request(
+        self, *, id: str, model: str, operation: str, prompt: str, params: dict[str, Any], n: int
+    ) -> None:
+        """Record a new request as queued."""
+        _check(operation, OPERATIONS, "operation")
+        async with self._write() as session:
+            session.add(
+                RequestRecord(
+                    id=id,
+                    created_at=_utcnow(),
+                    model=model,
+                    operation=operation,
+                    prompt=prompt,
+                    params=params,
+                    status="queued",
+                    n=n,
+                    images=0,
+                    client_disconnected=False,
+                )
+            )
+
+    async def set_request_status(self, request_id: str, status: str) -> None:
+        _check(status, REQUEST_STATUSES, "request status")
+        async with self._write() as session:
+            stmt = update(RequestRecord).where(RequestRecord.id == request_id).values(status=status)
+            await self._update_one(session, stmt, f"request {request_id!r}")
+
+    async def finish_request(
+        self,
+        request_id: str,
+        *,
+        status: str,
+        provider: str | None,
+        error: dict[str, Any] | None,
+        queued_ms: float | None,
+        generation_ms: float | None,
+        ttfb_ms: float | None,
+        total_ms: float | None,
+        width: int | None,
+        height: int | None,
+        images: int,
+        revised_prompt: str | None,
+    ) -> None:
+        """Record the outcome (succeeded / failed / rejected / interrupted) and stamp finished_at."""
+        _check(status, _REQUEST_FINAL, "final request status")
+        async with self._write() as session:
+            stmt = (
+                update(RequestRecord)
+                .where(RequestRecord.id == request_id)
+                .values(
+                    status=status,
+                    provider=provider,
+                    error=error,
+                    queued_ms=queued_ms,
+                    generation_ms=generation_ms,
+                    ttfb_ms=ttfb_ms,
+                    total_ms=total_ms,
+                    width=width,
+                    height=height,
+                    images=images,
+                    revised_prompt=revised_prompt,
+                    finished_at=_utcnow(),
+                )
+            )
+            await self._update_one(session, stmt, f"request {request_id!r}")
+
+    async def mark_client_disconnected(self, request_id: str) -> None:
+        async with self._write() as session:
+            stmt = (
+                update(RequestRecord).where(RequestRecord.id == request_id).values(client_disconnected=True)
+            )
+            await self._update_one(session, stmt, f"request {request_id!r}")
+
+    async def get_request(self, request_id: str) -> RequestRow | None:
+        async with self.sessions() as session:
+            record = await session.get(RequestRecord, request_id)
+            return RequestRow.of(record) if record is not None else None
+
+    async def find_requests(
+        self,
+        *,
+        prompt: str | None = None,
+        model: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+    ) -> list[RequestRow]:
+        """Requests matching every given field exactly, newest first."""
+        stmt = select(RequestRecord).order_by(RequestRecord.created_at.desc(), RequestRecord.id.desc())
+        if prompt is not None:
+            stmt = stmt.where(RequestRecord.prompt == prompt)
+        if model is not None:
+            stmt = stmt.where(RequestRecord.model == model)
+        if status is not None:
+            stmt = stmt.where(RequestRecord.status == status)
+        async with self.sessions() as session:
+            return [RequestRow.of(r) for r in await session.scalars(stmt.limit(limit))]
+
+    # Attempts
+
+    async def start_attempt(self, *, request_id: str, provider: str, model: str) -> int:
+        """Record a running attempt; returns its id."""
+        record = AttemptRecord(
+            request_id=request_id, provider=provider, model=model, status="running", started_at=_utcnow()
+        )
+        async with self._write() as session:
+            session.add(record)
+            await session.flush()
+        return record.id
+
+    async def finish_attempt(
+        self,
+        attempt_id: int,
+        *,
+        status: str,
+        error: dict[str, Any] | None,
+        queued_ms: float | None,
+        ttfb_ms: float | None,
+        generation_ms: float | None,
+        total_ms: float | None,
+        provider_request_id: str | None,
+        normalization: dict[str, str] | None,
+        billed_usd: float | None,
+    ) -> None:
+        """Record an attempt's outcome (succeeded / failed / cancelled) and stamp finished_at."""
+        _check(status, _ATTEMPT_FINAL, "final attempt status")
+        async with self._write() as session:
+            stmt = (
+                update(AttemptRecord)
+                .where(AttemptRecord.id == attempt_id)
+                .values(
+                    status=status,
+                    error=error,
+                    queued_ms=queued_ms,
+                    ttfb_ms=ttfb_ms,
+                    generation_ms=generation_ms,
+                    total_ms=total_ms,
+                    provider_request_id=provider_request_id,
+                    normalization=normalization,
+                    billed_usd=billed_usd,
+                    finished_at=_utcnow(),
+                )
+            )
+            await self._update_one(session, stmt, f"attempt {attempt_id}")
+
+    async def list_attempts(self, request_id: str) -> list[AttemptRow]:
+        """A request's attempts in the order they started."""
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(AttemptRecord).where(AttemptRecord.request_id == request_id).order_by(AttemptRecord.id)
+            )
+            return [AttemptRow.of(a) for a in rows]
+
+    # Images
+
+    async def add_images(self, images: list[ImageRow]) -> None:
+        """Record saved images, all or none."""
+        if not images:
+            return
+        now = _utcnow()
+        async with self._write() as session:
+            session.add_all(
+                ImageRecord(
+                    id=i.id,
+                    request_id=i.request_id,
+                    index=i.index,
+                    path=i.path,
+                    format=i.format,
+                    mime=i.mime,
+                    width=i.width,
+                    height=i.height,
+                    bytes=i.bytes,
+                    created_at=i.created_at or now,
+                )
+                for i in images
+            )
+
+    async def get_image(self, image_id: str) -> ImageRow | None:
+        async with self.sessions() as session:
+            record = await session.get(ImageRecord, image_id)
+            return ImageRow.of(record) if record is not None else None
+
+    async def list_images(self, request_id: str) -> list[ImageRow]:
+        """A request's images in output order."""
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(ImageRecord).where(ImageRecord.request_id == request_id).order_by(ImageRecord.index)
+            )
+            return [ImageRow.of(i) for i in rows]
+
+    # Crash repair
+
+    async def mark_interrupted(self) -> int:
+        """At start-up: requests left queued/running become interrupted, running attempts failed.
+
+        Returns how many requests were interrupted. Assumes one server per database: a second
+        server starting would interrupt the first one's requests in flight.
+        """
+        async with self._write() as session:
+            # Any attempt still running belongs to a process that is gone.
+            await session.execute(
+                update(AttemptRecord)
+                .where(AttemptRecord.status == "running")
+                .values(status="failed", error=INTERRUPTED_ERROR),
+                execution_options={"synchronize_session": False},
+            )
+            result = cast(
+                CursorResult[Any],
+                await session.execute(
+                    update(RequestRecord)
+                    .where(RequestRecord.status.in_(_REQUEST_IN_FLIGHT))
+                    .values(status="interrupted", error=INTERRUPTED_ERROR),
+                    execution_options={"synchronize_session": False},
+                ),
+            )
+            return result.rowcount

@@ -1,0 +1,683 @@
+"""Storage tests: the database against SQLite and a real PostgreSQL, and the blob store on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import secrets
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError
+
+from fluxport.storage.blobs import TEMP_SUFFIX, BlobStore, new_image_id
+from fluxport.storage.db import (
+    INTERRUPTED_ERROR,
+    Base,
+    Database,
+    ImageRow,
+    alembic_config,
+    make_engine,
+)
+
+PG_URL = os.environ.get("FLUXPORT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+_pg_unreachable: list[str | None] = []  # cached across tests: one probe per run
+
+
+async def _probe_postgres() -> str | None:
+    """None if PostgreSQL answers, else the reason to skip."""
+    if _pg_unreachable:
+        return _pg_unreachable[0]
+    url = make_url(PG_URL)
+    where = f"{url.host}:{url.port or 5432}"
+    reason: str | None = None
+    engine = make_engine(PG_URL)
+    try:
+        async with asyncio.timeout(5), engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+    except Exception as exc:  # any failure to connect means: skip, saying why
+        reason = f"PostgreSQL not reachable at {where}: {exc!r}"
+    finally:
+        await engine.dispose()
+    _pg_unreachable.append(reason)
+    return reason
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str
+    url: str
+    schema: str | None
+
+    async def open(self) -> Database:
+        return await Database.open(self.url, schema=self.schema)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
+    """An empty database: a file in a tmp dir, or a fresh PostgreSQL schema dropped afterwards."""
+    if request.param == "sqlite":
+        # A dir that does not exist yet: open must create it.
+        yield Target("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'data' / 'fluxport.db'}", None)
+        return
+    reason = await _probe_postgres()
+    if reason is not None:
+        pytest.skip(reason)
+    schema = f"fluxport_test_{secrets.token_hex(6)}"
+    try:
+        yield Target("postgresql", PG_URL, schema)
+    finally:
+        engine = make_engine(PG_URL)
+        try:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await engine.dispose()
+
+
+@pytest.fixture
+async def db(target: Target) -> AsyncIterator[Database]:
+    database = await target.open()
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def _head() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+async def _scalar(db: Database, sql: str, **params: Any) -> Any:
+    async with db.engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).scalar_one()
+
+
+async def _new_request(db: Database, rid: str | None = None, **overrides: Any) -> str:
+    rid = rid or f"req_{secrets.token_hex(8)}"
+    fields: dict[str, Any] = {
+        "model": "flux.2-dev",
+        "operation": "generate",
+        "prompt": "a lighthouse at dusk",
+        "params": {"size": "1024x1024", "seed": 7, "output_format": "png"},
+        "n": 1,
+    }
+    fields.update(overrides)
+    await db.create_request(id=rid, **fields)
+    return rid
+
+
+async def _finish_ok(db: Database, rid: str, **overrides: Any) -> None:
+    fields: dict[str, Any] = {
+        "status": "succeeded",
+        "provider": "local",
+        "error": None,
+        "queued_ms": 1.5,
+        "generation_ms": 900.25,
+        "ttfb_ms": 901.0,
+        "total_ms": 950.5,
+        "width": 1024,
+        "height": 768,
+        "images": 1,
+        "revised_prompt": None,
+    }
+    fields.update(overrides)
+    await db.finish_request(rid, **fields)
+
+
+def _assert_recent_utc(value: datetime | None) -> None:
+    assert value is not None
+    assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - value) < timedelta(minutes=1)
+
+
+# Migrations
+
+
+async def test_migrations_create_tables_and_are_idempotent(target: Target) -> None:
+    db = await target.open()
+    try:
+
+        def describe(conn: Connection) -> tuple[set[str], set[str]]:
+            insp = inspect(conn)
+            tables = set(insp.get_table_names())
+            indexes = {
+                ix["name"] or "" for t in ("requests", "attempts", "images") for ix in insp.get_indexes(t)
+            }
+            return tables, indexes
+
+        async with db.engine.connect() as conn:
+            tables, indexes = await conn.run_sync(describe)
+        assert {"requests", "attempts", "images", "alembic_version"} <= tables
+        assert {
+            "ix_requests_model_created_at",
+            "ix_requests_status",
+            "ix_attempts_model_provider_started_at",
+            "ix_attempts_request_id",
+            "ix_images_request_id",
+        } <= indexes
+        assert await _scalar(db, "SELECT version_num FROM alembic_version") == _head()
+        rid = await _new_request(db)
+    finally:
+        await db.close()
+
+    # Opening again migrates nothing and keeps the data.
+    again = await target.open()
+    try:
+        assert await _scalar(again, "SELECT count(*) FROM alembic_version") == 1
+        row = await again.get_request(rid)
+        assert row is not None and row.status == "queued"
+    finally:
+        await again.close()
+
+
+async def test_migrations_match_the_models(db: Database) -> None:
+    """The ORM classes and the latest migration describe the same schema."""
+
+    def diff(conn: Connection) -> list[Any]:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(ctx, Base.metadata))
+
+    async with db.engine.connect() as conn:
+        assert await conn.run_sync(diff) == []
+
+
+async def test_concurrent_open_of_a_fresh_database(target: Target) -> None:
+    """Two servers starting at once on an empty database must not both create the tables."""
+    dbs = await asyncio.gather(target.open(), target.open(), target.open())
+    try:
+        assert await _scalar(dbs[0], "SELECT version_num FROM alembic_version") == _head()
+    finally:
+        for d in dbs:
+            await d.close()
+
+
+async def test_migrations_run_in_a_worker_thread_without_a_loop(tmp_path: Path) -> None:
+    """The CLI path: env.py opens its own connection and runs asyncio.run (here, off this loop)."""
+    from alembic import command
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cli' / 'fluxport.db'}"
+    cfg = alembic_config()
+    cfg.set_main_option("sqlalchemy.url", url)
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    db = await Database.open(url)
+    try:
+        assert await _scalar(db, "SELECT version_num FROM alembic_version") == _head()
+    finally:
+        await db.close()
+
+
+def test_open_refuses_unsupported_targets(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="in-memory"):
+        make_engine("sqlite+aiosqlite://")
+    with pytest.raises(ValueError, match="in-memory"):
+        make_engine("sqlite+aiosqlite:///:memory:")
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        make_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", schema="s")
+    with pytest.raises(ValueError, match="schema name"):
+        make_engine(PG_URL, schema='x"; DROP TABLE requests; --')
+
+
+async def test_sqlite_pragmas(tmp_path: Path) -> None:
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'fluxport.db'}")
+    try:
+        assert str(await _scalar(db, "PRAGMA journal_mode")).lower() == "wal"
+        assert await _scalar(db, "PRAGMA busy_timeout") >= 5000
+        assert await _scalar(db, "PRAGMA foreign_keys") == 1
+    finally:
+        await db.close()
+
+
+# Requests
+
+
+async def test_request_lifecycle(db: Database) -> None:
+    params = {"size": "1024x768", "seed": 42, "nested": {"a": [1, 2.5, None]}, "unicode": "café ☕"}
+    rid = await _new_request(db, "req_abc123", operation="edit", params=params, n=2)
+
+    row = await db.get_request(rid)
+    assert row is not None
+    assert (row.id, row.model, row.operation, row.n) == ("req_abc123", "flux.2-dev", "edit", 2)
+    assert row.params == params
+    assert row.status == "queued"
+    assert row.error is None and row.provider is None and row.finished_at is None
+    assert row.images == 0 and row.client_disconnected is False
+    _assert_recent_utc(row.created_at)
+
+    await db.set_request_status(rid, "running")
+    assert (await db.get_request(rid)).status == "running"  # type: ignore[union-attr]
+
+    await db.mark_client_disconnected(rid)
+    await _finish_ok(db, rid, images=2, revised_prompt="a lighthouse at dusk, oil painting")
+    done = await db.get_request(rid)
+    assert done is not None
+    assert done.status == "succeeded" and done.provider == "local" and done.error is None
+    assert (done.queued_ms, done.generation_ms, done.ttfb_ms, done.total_ms) == (1.5, 900.25, 901.0, 950.5)
+    assert (done.width, done.height, done.images) == (1024, 768, 2)
+    assert done.revised_prompt == "a lighthouse at dusk, oil painting"
+    assert done.client_disconnected is True
+    _assert_recent_utc(done.finished_at)
+    assert done.finished_at is not None and done.finished_at >= done.created_at
+    assert done.created_at == row.created_at  # timestamps round-trip exactly
+
+
+async def test_failed_request_keeps_its_error_and_null_stays_sql_null(db: Database) -> None:
+    error = {
+        "status": 502,
+        "type": "server_error",
+        "code": "provider_error",
+        "param": None,
+        "message": "fal: upstream 503",
+    }
+    failed = await _new_request(db)
+    await _finish_ok(
+        db, failed, status="failed", provider=None, error=error, width=None, height=None, images=0
+    )
+    ok = await _new_request(db)
+    await _finish_ok(db, ok)
+
+    row = await db.get_request(failed)
+    assert row is not None and row.status == "failed" and row.error == error
+    assert row.width is None and row.generation_ms == 900.25
+    # None must be SQL NULL (not JSON 'null'), so that "error IS NULL" queries work.
+    assert await _scalar(db, "SELECT count(*) FROM requests WHERE error IS NULL") == 1
+
+
+async def test_rejected_request_is_recorded(db: Database) -> None:
+    """Requests refused before they run are recorded too, as "rejected"."""
+    error = {
+        "status": 400,
+        "type": "invalid_request_error",
+        "code": "invalid_value",
+        "param": "n",
+        "message": "n",
+    }
+    rid = await _new_request(db)
+    await _finish_ok(db, rid, status="rejected", provider=None, error=error, images=0)
+    row = await db.get_request(rid)
+    assert row is not None and row.status == "rejected" and row.error == error
+    assert await db.mark_interrupted() == 0
+
+
+async def test_find_requests(db: Database) -> None:
+    first = await _new_request(db, prompt="slow")
+    await _new_request(db, prompt="fast")
+    second = await _new_request(db, prompt="slow", model="flux.2-dev-flash")
+    await _finish_ok(db, second)
+    assert [r.id for r in await db.find_requests(prompt="slow")] == [second, first]  # newest first
+    assert [r.id for r in await db.find_requests(prompt="slow", status="queued")] == [first]
+    assert [r.id for r in await db.find_requests(model="flux.2-dev-flash")] == [second]
+    assert len(await db.find_requests()) == 3
+    assert len(await db.find_requests(limit=2)) == 2
+    assert await db.find_requests(prompt="none") == []
+
+
+async def test_request_errors(db: Database) -> None:
+    assert await db.get_request("req_missing") is None
+    with pytest.raises(LookupError):
+        await db.set_request_status("req_missing", "running")
+    with pytest.raises(LookupError):
+        await _finish_ok(db, "req_missing")
+    with pytest.raises(LookupError):
+        await db.mark_client_disconnected("req_missing")
+    with pytest.raises(ValueError, match="operation"):
+        await _new_request(db, operation="variation")
+    rid = await _new_request(db)
+    with pytest.raises(ValueError, match="status"):
+        await db.set_request_status(rid, "done")
+    with pytest.raises(ValueError, match="status"):
+        await _finish_ok(db, rid, status="running")
+    with pytest.raises(IntegrityError):
+        await _new_request(db, rid)  # ids are unique
+
+
+# Attempts
+
+
+async def test_attempts(db: Database) -> None:
+    rid = await _new_request(db)
+    first = await db.start_attempt(request_id=rid, provider="fal", model="flux.2-dev")
+    second = await db.start_attempt(request_id=rid, provider="replicate", model="flux.2-dev")
+    assert second > first
+
+    running = await db.list_attempts(rid)
+    assert [(a.id, a.provider, a.status, a.finished_at) for a in running] == [
+        (first, "fal", "running", None),
+        (second, "replicate", "running", None),
+    ]
+    _assert_recent_utc(running[0].started_at)
+
+    err = {"status": 503, "type": "server_error", "code": "unavailable", "param": None, "message": "down"}
+    await db.finish_attempt(
+        first,
+        status="failed",
+        error=err,
+        queued_ms=None,
+        ttfb_ms=None,
+        generation_ms=None,
+        total_ms=120.0,
+        provider_request_id="fal-req-1",
+        normalization=None,
+        billed_usd=None,
+    )
+    normalization = {"size": "converted", "seed": "passthrough", "n": "emulated"}
+    await db.finish_attempt(
+        second,
+        status="succeeded",
+        error=None,
+        queued_ms=10.0,
+        ttfb_ms=2000.5,
+        generation_ms=1900.0,
+        total_ms=2100.0,
+        provider_request_id="rep-xyz",
+        normalization=normalization,
+        billed_usd=0.012,
+    )
+    a, b = await db.list_attempts(rid)
+    assert (a.status, a.error, a.total_ms, a.provider_request_id, a.billed_usd) == (
+        "failed",
+        err,
+        120.0,
+        "fal-req-1",
+        None,
+    )
+    assert (b.status, b.error, b.normalization, b.billed_usd) == ("succeeded", None, normalization, 0.012)
+    assert (b.queued_ms, b.ttfb_ms, b.generation_ms, b.total_ms) == (10.0, 2000.5, 1900.0, 2100.0)
+    _assert_recent_utc(b.finished_at)
+    assert b.finished_at is not None and b.finished_at >= b.started_at
+
+    assert await db.list_attempts("req_other") == []
+    with pytest.raises(LookupError):
+        await db.finish_attempt(
+            10_000_000,
+            status="cancelled",
+            error=None,
+            queued_ms=None,
+            ttfb_ms=None,
+            generation_ms=None,
+            total_ms=None,
+            provider_request_id=None,
+            normalization=None,
+            billed_usd=None,
+        )
+    with pytest.raises(ValueError, match="status"):
+        await db.finish_attempt(
+            first,
+            status="running",
+            error=None,
+            queued_ms=None,
+            ttfb_ms=None,
+            generation_ms=None,
+            total_ms=None,
+            provider_request_id=None,
+            normalization=None,
+            billed_usd=None,
+        )
+
+
+async def test_attempt_needs_an_existing_request(db: Database) -> None:
+    """Foreign keys are enforced on SQLite too (PRAGMA foreign_keys)."""
+    with pytest.raises(IntegrityError):
+        await db.start_attempt(request_id="req_nope", provider="fal", model="flux.2-dev")
+
+
+# Images
+
+
+def _image(rid: str, index: int, **overrides: Any) -> ImageRow:
+    image_id = new_image_id()
+    fields: dict[str, Any] = {
+        "id": image_id,
+        "request_id": rid,
+        "index": index,
+        "path": f"ab/{image_id}.png",
+        "format": "png",
+        "mime": "image/png",
+        "width": 1024,
+        "height": 768,
+        "bytes": 123_456,
+    }
+    fields.update(overrides)
+    return ImageRow(**fields)
+
+
+async def test_images(db: Database) -> None:
+    rid = await _new_request(db, n=2)
+    imgs = [_image(rid, 0), _image(rid, 1, format="webp", mime="image/webp", bytes=3_000_000_000)]
+    await db.add_images(imgs)
+    await db.add_images([])  # a no-op
+
+    for img in imgs:
+        got = await db.get_image(img.id)
+        assert got is not None
+        _assert_recent_utc(got.created_at)
+        assert (got.id, got.request_id, got.index, got.path, got.format, got.mime) == (
+            img.id,
+            img.request_id,
+            img.index,
+            img.path,
+            img.format,
+            img.mime,
+        )
+        assert (got.width, got.height, got.bytes) == (img.width, img.height, img.bytes)
+    assert await db.get_image(new_image_id()) is None
+
+    # An explicit created_at in another zone comes back as the same instant in UTC.
+    when = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC).astimezone(
+        timezone(timedelta(hours=5, minutes=30))
+    )
+    dated = _image(rid, 2, created_at=when)
+    await db.add_images([dated])
+    got = await db.get_image(dated.id)
+    assert got is not None and got.created_at == when and got.created_at.utcoffset() == timedelta(0)
+
+    assert [i.id for i in await db.list_images(rid)] == [imgs[0].id, imgs[1].id, dated.id]
+    assert await db.list_images("req_other") == []
+
+
+async def test_add_images_is_all_or_nothing(db: Database) -> None:
+    rid = await _new_request(db, n=2)
+    await db.add_images([_image(rid, 0)])
+    fresh, clash = _image(rid, 1), _image(rid, 0)  # (request_id, index) is unique
+    with pytest.raises(IntegrityError):
+        await db.add_images([fresh, clash])
+    assert await db.get_image(fresh.id) is None
+    assert await _scalar(db, "SELECT count(*) FROM images") == 1
+
+
+# Crash repair
+
+
+async def test_mark_interrupted(db: Database) -> None:
+    queued = await _new_request(db)
+    running = await _new_request(db)
+    await db.set_request_status(running, "running")
+    live = await db.start_attempt(request_id=running, provider="local", model="flux.2-dev")
+    done = await _new_request(db)
+    ok = await db.start_attempt(request_id=done, provider="fal", model="flux.2-dev")
+    await db.finish_attempt(
+        ok,
+        status="succeeded",
+        error=None,
+        queued_ms=1.0,
+        ttfb_ms=2.0,
+        generation_ms=3.0,
+        total_ms=4.0,
+        provider_request_id=None,
+        normalization=None,
+        billed_usd=0.03,
+    )
+    await _finish_ok(db, done)
+
+    assert await db.mark_interrupted() == 2
+
+    for rid in (queued, running):
+        row = await db.get_request(rid)
+        assert row is not None and row.status == "interrupted" and row.error == INTERRUPTED_ERROR
+    (attempt,) = await db.list_attempts(running)
+    assert attempt.id == live and attempt.status == "failed" and attempt.error == INTERRUPTED_ERROR
+    finished = await db.get_request(done)
+    assert finished is not None and finished.status == "succeeded" and finished.error is None
+    (kept,) = await db.list_attempts(done)
+    assert kept.status == "succeeded" and kept.billed_usd == 0.03
+
+    assert await db.mark_interrupted() == 0
+
+
+# Concurrency
+
+
+async def _one_request_end_to_end(db: Database, i: int) -> str:
+    rid = await _new_request(db, f"req_{i:04d}_{secrets.token_hex(4)}")
+    await db.set_request_status(rid, "running")
+    attempt = await db.start_attempt(request_id=rid, provider="local", model="flux.2-dev")
+    await db.get_request(rid)  # readers interleave with the writers
+    await db.finish_attempt(
+        attempt,
+        status="succeeded",
+        error=None,
+        queued_ms=0.0,
+        ttfb_ms=1.0,
+        generation_ms=float(i),
+        total_ms=float(i) + 1,
+        provider_request_id=None,
+        normalization={"size": "passthrough"},
+        billed_usd=None,
+    )
+    await db.add_images([_image(rid, 0)])
+    await _finish_ok(db, rid, generation_ms=float(i))
+    return rid
+
+
+async def test_concurrent_writers(db: Database, target: Target) -> None:
+    """50 requests recorded at once, from this Database and a second one on the same database
+    (a second process: on SQLite only the busy timeout keeps the two from failing)."""
+    other = await target.open()
+    try:
+        rids = await asyncio.gather(*(_one_request_end_to_end(db if i % 2 else other, i) for i in range(50)))
+    finally:
+        await other.close()
+    assert len(set(rids)) == 50
+    for i, rid in enumerate(rids):
+        row = await db.get_request(rid)
+        assert row is not None and row.status == "succeeded" and row.generation_ms == float(i)
+        (attempt,) = await db.list_attempts(rid)
+        assert attempt.status == "succeeded" and attempt.generation_ms == float(i)
+    assert await _scalar(db, "SELECT count(*) FROM images") == 50
+    assert await _scalar(db, "SELECT count(*) FROM attempts WHERE status = 'succeeded'") == 50
+
+
+# Blobs
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+async def test_blob_save_and_read(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "images")  # created on first save
+    image_id = new_image_id()
+    data = os.urandom(256 * 1024)
+    rel = await store.save(image_id, data, ".PNG")
+
+    assert re.fullmatch(rf"[0-9a-f]{{2}}/{re.escape(image_id)}\.png", rel)
+    assert await store.read(rel) == data
+    assert store.exists(rel)
+    assert store.resolve(rel) == (tmp_path / "images" / rel).resolve()
+    assert stat.S_IMODE(store.resolve(rel).stat().st_mode) == 0o644
+    assert not [p for p in _files(store.root) if p.name.endswith(TEMP_SUFFIX)]
+
+    # Saving again replaces the file.
+    assert await store.save(image_id, b"v2", "png") == rel
+    assert await store.read(rel) == b"v2"
+
+    assert await store.delete(rel) is True
+    assert not store.exists(rel)
+    assert await store.delete(rel) is False
+    with pytest.raises(FileNotFoundError):
+        await store.read(rel)
+
+
+async def test_blob_overwrite_is_atomic_for_readers(tmp_path: Path) -> None:
+    """A reader sees the whole old file or the whole new one, never a mix or a truncation."""
+    store = BlobStore(tmp_path)
+    image_id = new_image_id()
+    old, new = b"a" * 2_000_000, b"b" * 2_000_000
+    rel = await store.save(image_id, old, "png")
+    seen: set[bytes] = set()
+
+    async def reader() -> None:
+        for _ in range(40):
+            seen.add(await store.read(rel))
+
+    async def writer() -> None:
+        for k in range(20):
+            await store.save(image_id, new if k % 2 == 0 else old, "png")
+
+    await asyncio.gather(reader(), reader(), writer())
+    assert seen <= {old, new}
+    assert not [p for p in _files(store.root) if p.name.endswith(TEMP_SUFFIX)]
+
+
+async def test_blob_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    image_id = new_image_id()
+    with pytest.raises(TypeError):
+        await store.save(image_id, cast(bytes, "not bytes"), "png")
+    assert not store.exists(BlobStore.relative_path(image_id, "png"))
+    assert _files(tmp_path) == []
+
+
+async def test_blob_paths_stay_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    store = BlobStore(root)
+    (tmp_path / "secret.txt").write_text("no")
+    for bad in ("../x", "../secret.txt", "ab/../../secret.txt", "/etc/passwd", "", ".", "ab/\0x"):
+        with pytest.raises(ValueError):
+            store.resolve(bad)
+    with pytest.raises(ValueError):
+        await store.read("../secret.txt")
+    with pytest.raises(ValueError):
+        await store.delete("../secret.txt")
+    with pytest.raises(ValueError):
+        store.exists("../secret.txt")
+    assert (tmp_path / "secret.txt").exists()
+
+    # A symlink planted inside the root cannot lead out of it either.
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(ValueError):
+        store.resolve("link/secret.txt")
+
+    assert store.resolve("ab/x.png") == root.resolve() / "ab" / "x.png"
+
+    for bad_id in ("../evil", "a/b", "", "x" * 200, "id.png"):
+        with pytest.raises(ValueError, match="image id"):
+            await store.save(bad_id, b"x", "png")
+    for bad_ext in ("", "p/ng", "../png", "verylongextension"):
+        with pytest.raises(ValueError, match="extension"):
+            await store.save(new_image_id(), b"x", bad_ext)
+
+
+def test_new_image_id() -> None:
+    ids = {new_image_id() for _ in range(20_000)}
+    assert len(ids) == 20_000
+    for image_id in list(ids)[:500]:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{32}", image_id)
+        assert len(base64.urlsafe_b64decode(image_id + "=" * (-len(image_id) % 4))) * 8 >= 128
+    # Every URL-safe symbol turns up in every position class: no fixed or low-entropy prefix.
+    assert len({i[0] for i in ids}) == 64 and len({i[-2] for i in ids}) == 64
