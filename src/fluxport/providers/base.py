@@ -85,6 +85,8 @@ class AttemptTimings:
     first_byte_s: float | None = None  # first byte of the result
     generation_s: float | None = None  # the model's own work
     total_s: float = 0.0
+    submitted_s: float | None = None  # hosted providers: the submit call answered
+    first_status_s: float | None = None  # hosted providers: the first status answer
 
 
 @dataclass

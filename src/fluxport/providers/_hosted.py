@@ -1,0 +1,314 @@
+"""Plumbing shared by the hosted adapters (fal, Replicate): HTTP policy, sizes, downloads, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import email.utils
+import io
+import math
+import re
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from fluxport.domain.errors import ProviderFailure, RateLimited
+from fluxport.domain.job import ReferenceImage, Size
+from fluxport.providers.base import GeneratedImage, ProgressCallback, ProgressEvent, Stage
+
+# Provider-specific request fields each adapter knows; one provider's are never sent to the other.
+FAL_EXTRAS = frozenset({"acceleration", "enable_safety_checker", "num_inference_steps", "sync_mode"})
+REPLICATE_EXTRAS = frozenset({"disable_safety_checker", "go_fast", "width", "height", "output_quality"})
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """Timeouts, polling and retry bounds of a hosted adapter; every wait is bounded."""
+
+    timeout_s: float = 30.0  # one HTTP exchange (connect, read, write)
+    poll_interval_s: float = 0.25  # first status poll; later ones back off
+    max_poll_interval_s: float = 2.0
+    poll_backoff: float = 1.5
+    max_wait_s: float = 900.0  # from submit to a terminal status; then the request is cancelled
+    rate_limit_retries: int = 3  # 429 answers honoured before RateLimited is raised
+    max_retry_after_s: float = 20.0  # a longer Retry-After is passed up at once instead of slept
+    transient_retries: int = 2  # idempotent GETs retried on 502/503/504 and transport faults
+    cancel_timeout_s: float = 5.0
+    max_image_bytes: int = 64 * 1024 * 1024
+
+
+def fit_size(size: Size, lo: int, hi: int, multiple: int) -> Size:
+    """Scale `size` into [lo, hi] per side keeping its shape, snapped to `multiple` (lo, hi too)."""
+    w, h = size.width, size.height
+    scale = 1.0
+    if max(w, h) > hi:
+        scale = hi / max(w, h)
+    if min(w, h) * scale < lo:
+        # Extreme ratios cannot fit both bounds; the short side wins and the long side is clamped.
+        scale = lo / min(w, h)
+
+    def snap(v: int) -> int:
+        # Half up, not Python's half-to-even: 1000 px on a 16 px grid is 1008, not 992.
+        return min(hi, max(lo, math.floor(v * scale / multiple + 0.5) * multiple))
+
+    return Size(snap(w), snap(h))
+
+
+def data_uri(ref: ReferenceImage) -> str:
+    return f"data:{ref.mime};base64,{base64.b64encode(ref.data).decode('ascii')}"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """png / jpeg / webp from the magic bytes, else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+_RESETS_IN = re.compile(r"resets in ~?\s*(\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
+
+
+def retry_after_of(response: httpx.Response) -> float | None:
+    """Seconds to wait from Retry-After (seconds or HTTP date), or a "resets in ~30s" detail."""
+    value = response.headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                when = None
+            if when is not None:
+                return max(0.0, when.timestamp() - time.time())
+    match = _RESETS_IN.search(response.text)
+    return float(match.group(1)) if match else None
+
+
+# tqdm-style "14/28" in runner logs: the only step count either provider exposes.
+_STEP = re.compile(r"(\d+)/(\d+)\s*\[")
+
+
+def step_of(log_text: str) -> tuple[int, int] | None:
+    """The last "i/N [" progress-bar count in `log_text`, if any."""
+    matches = _STEP.findall(log_text[-2000:])
+    if not matches:
+        return None
+    step, total = (int(x) for x in matches[-1])
+    return (step, total) if total > 0 and step <= total else None
+
+
+class Progress:
+    """Forwards progress events, but only when something changed (polls repeat themselves)."""
+
+    def __init__(self, callback: ProgressCallback) -> None:
+        self._callback = callback
+        self._last: tuple[Stage, int, int] | None = None
+
+    def __call__(self, stage: Stage, step: int = 0, total: int = 0, message: str = "") -> None:
+        key = (stage, step, total)
+        if key != self._last:
+            self._last = key
+            self._callback(ProgressEvent(stage=stage, step=step, total=total, message=message))
+
+
+class Http:
+    """An httpx client with one provider's error policy: timeouts, 429 and transient retries."""
+
+    def __init__(self, provider: str, policy: HttpPolicy, client: httpx.AsyncClient | None) -> None:
+        self.provider = provider
+        self.policy = policy
+        self._own = client is None
+        self.client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(policy.timeout_s), follow_redirects=True
+        )
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        idempotent: bool,
+        timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """One call; 429 is retried after Retry-After, then raised as RateLimited; transport faults,
+        timeouts and 5xx become ProviderFailure. Any other status is returned for the caller to map."""
+        limited = 0
+        transient = 0
+        while True:
+            try:
+                response = await self.client.request(
+                    method, url, timeout=timeout_s or self.policy.timeout_s, **kwargs
+                )
+            except httpx.TimeoutException as exc:
+                if idempotent and transient < self.policy.transient_retries:
+                    transient += 1
+                    continue
+                raise ProviderFailure(f"{self.provider}: {method} timed out ({type(exc).__name__}).") from exc
+            except httpx.HTTPError as exc:
+                if idempotent and transient < self.policy.transient_retries:
+                    transient += 1
+                    await asyncio.sleep(0.1 * transient)
+                    continue
+                raise ProviderFailure(f"{self.provider}: connection failed: {exc!r}.") from exc
+            if response.status_code == 429:
+                wait = retry_after_of(response)
+                if (
+                    limited < self.policy.rate_limit_retries
+                    and (wait or 0.0) <= self.policy.max_retry_after_s
+                ):
+                    limited += 1
+                    # No Retry-After: back off exponentially from the poll interval.
+                    await asyncio.sleep(
+                        wait if wait is not None else self.policy.poll_interval_s * 2**limited
+                    )
+                    continue
+                raise RateLimited(
+                    f"{self.provider} is rate limiting requests: {_detail(response)}",
+                    retry_after=wait if wait is not None else 1.0,
+                )
+            if (
+                response.status_code in (502, 503, 504)
+                and idempotent
+                and transient < self.policy.transient_retries
+            ):
+                transient += 1
+                await asyncio.sleep(0.1 * transient)
+                continue
+            if response.status_code in (401, 403):
+                raise ProviderFailure(
+                    f"{self.provider} rejected the credentials ({response.status_code}): "
+                    f"{_detail(response)}. Check the configured API key.",
+                    code="provider_auth_failed",
+                )
+            if response.status_code >= 500:
+                raise ProviderFailure(f"{self.provider} answered {response.status_code}: {_detail(response)}")
+            return response
+
+    def json(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        """The body as a JSON object, or ProviderFailure."""
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise ProviderFailure(f"{self.provider}: the {what} answer is not valid JSON.") from exc
+        if not isinstance(body, dict):
+            raise ProviderFailure(f"{self.provider}: the {what} answer is not a JSON object.")
+        return body
+
+    async def download(self, url: str) -> tuple[bytes, float]:
+        """The bytes at `url` (http(s) or a data: URI), size-capped; also when the first byte came."""
+        if url.startswith("data:"):
+            return _decode_data_uri(url, self.provider, self.policy.max_image_bytes), time.monotonic()
+        if not url.startswith(("http://", "https://")):
+            raise ProviderFailure(f"{self.provider}: unexpected image URL scheme in {url[:40]!r}.")
+        transient = 0
+        while True:
+            try:
+                return await self._download_once(url)
+            except (httpx.TransportError, _Transient) as exc:
+                if transient >= self.policy.transient_retries:
+                    raise ProviderFailure(f"{self.provider}: image download failed: {exc!r}.") from exc
+                transient += 1
+                await asyncio.sleep(0.1 * transient)
+
+    async def _download_once(self, url: str) -> tuple[bytes, float]:
+        async with self.client.stream("GET", url) as response:
+            first_byte = time.monotonic()
+            if response.status_code in (429, 502, 503, 504):
+                raise _Transient(f"HTTP {response.status_code}")
+            if response.status_code != 200:
+                raise ProviderFailure(f"{self.provider}: image download answered {response.status_code}.")
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > self.policy.max_image_bytes:
+                raise ProviderFailure(f"{self.provider}: image of {declared} bytes exceeds the limit.")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > self.policy.max_image_bytes:
+                    raise ProviderFailure(
+                        f"{self.provider}: image exceeds {self.policy.max_image_bytes} bytes."
+                    )
+                chunks.append(chunk)
+            return b"".join(chunks), first_byte
+
+    async def cancel_shielded(self, call: Awaitable[None]) -> None:
+        """Run a cancel call that must outlive a cancelled caller: awaited, but shielded, and
+        referenced until done so that a second cancellation cannot lose it."""
+        task: asyncio.Task[None] = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.policy.cancel_timeout_s)
+        if self._own:
+            await self.client.aclose()
+
+
+class _Transient(Exception):
+    pass
+
+
+def _decode_data_uri(url: str, provider: str, limit: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header:
+        raise ProviderFailure(f"{provider}: unsupported data: URI for an image.")
+    if len(payload) * 3 // 4 > limit:
+        raise ProviderFailure(f"{provider}: inline image exceeds {limit} bytes.")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProviderFailure(f"{provider}: malformed base64 in an inline image.") from exc
+
+
+def _detail(response: httpx.Response) -> str:
+    """A short human-readable reason from an error body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        for key in ("detail", "error", "title", "message"):
+            value = body.get(key)
+            if isinstance(value, str) and value:
+                return value[:300]
+        if isinstance(body.get("detail"), list):
+            return str(body["detail"])[:300]
+    return str(body)[:200]
+
+
+def to_image(data: bytes, provider: str, seed: int | None) -> GeneratedImage:
+    """Wrap downloaded bytes; the format is sniffed and the size read from the header only."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ProviderFailure(f"{provider}: the result is not a PNG, JPEG or WebP image.")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Exception as exc:  # Pillow raises many types for a corrupt header
+        raise ProviderFailure(f"{provider}: the result image cannot be read.") from exc
+    return GeneratedImage(content=data, width=width, height=height, format=fmt, seed=seed)
+
+
+def nearly_equal_ratio(a: Size, w: int, h: int, tolerance: float = 0.01) -> bool:
+    return math.isclose(a.width / a.height, w / h, rel_tol=tolerance)
+
+
+def known_extras(extras: Mapping[str, Any], own: frozenset[str], foreign: frozenset[str]) -> dict[str, Any]:
+    """The extras meant for this provider: its own known ones and unknown ones, not another's."""
+    return {k: v for k, v in extras.items() if k in own or k not in foreign}

@@ -1,0 +1,302 @@
+"""fal.ai adapter: FLUX.2 [dev] and [dev] Flash over fal's queue REST API (submit, poll, result, cancel)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from fluxport.domain.errors import ContentPolicyViolation, FluxportError, InvalidRequest, ProviderFailure
+from fluxport.domain.job import ImageJob
+from fluxport.providers._hosted import (
+    FAL_EXTRAS,
+    REPLICATE_EXTRAS,
+    Http,
+    HttpPolicy,
+    Progress,
+    data_uri,
+    fit_size,
+    known_extras,
+    step_of,
+    to_image,
+)
+from fluxport.providers.base import (
+    AttemptTimings,
+    Behaviour,
+    Capabilities,
+    ProgressCallback,
+    ProviderResult,
+    ProviderState,
+)
+from fluxport.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# model -> (text-to-image endpoint, edit endpoint)
+ENDPOINTS: dict[str, tuple[str, str]] = {
+    "flux.2-dev": ("fal-ai/flux-2", "fal-ai/flux-2/edit"),
+    "flux.2-dev-flash": ("fal-ai/flux-2/flash", "fal-ai/flux-2/flash/edit"),
+}
+# The distilled Flash endpoints fix the schedule: no steps, no acceleration.
+_FLASH_UNSUPPORTED = frozenset({"num_inference_steps", "acceleration"})
+MIN_SIDE, MAX_SIDE, MULTIPLE = 512, 2048, 16
+MAX_IMAGES_PER_CALL = 4
+NATIVE_FORMATS = frozenset({"png", "jpeg", "webp"})
+# fal input field -> the fluxport parameter a client knows, for error messages.
+_PARAMS = {
+    "image_size": "size",
+    "image_urls": "image",
+    "guidance_scale": "cfg_scale",
+    "num_images": "n",
+    "enable_prompt_expansion": "prompt_enhancement",
+}
+
+
+class FalProvider:
+    """fal.ai queue API (https://queue.fal.run); configured when FAL_KEY is set."""
+
+    name = "fal"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: httpx.AsyncClient | None = None,
+        policy: HttpPolicy | None = None,
+    ) -> None:
+        self._key = settings.fal_key
+        self._base = settings.fal_url.rstrip("/")
+        self.policy = policy or HttpPolicy()
+        self._http = Http(self.name, self.policy, client)
+
+    def state(self, model: str) -> ProviderState:
+        if model not in ENDPOINTS:
+            return ProviderState(False, f"fal does not serve {model}")
+        if not self._key:
+            return ProviderState(False, "set FAL_KEY to a fal.ai API key")
+        return ProviderState(True, f"fal queue API at {self._base} ({ENDPOINTS[model][0]})")
+
+    def capabilities(self, model: str) -> Capabilities:
+        extras = FAL_EXTRAS - _FLASH_UNSUPPORTED if model.endswith("-flash") else FAL_EXTRAS
+        return Capabilities(
+            max_images_per_call=MAX_IMAGES_PER_CALL,
+            max_references=4,
+            native_output_formats=NATIVE_FORMATS,
+            extras=extras,
+            supports_prompt_enhancement=True,
+            supports_cfg_scale=True,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Key {self._key}"}
+
+    def build_input(self, job: ImageJob) -> tuple[str, dict[str, Any], dict[str, Behaviour]]:
+        """The endpoint, the JSON input and the normalisation report for `job` (no I/O)."""
+        if job.model not in ENDPOINTS:
+            raise InvalidRequest(f"fal does not serve model {job.model}.", param="model")
+        text, edit = ENDPOINTS[job.model]
+        endpoint = edit if job.references else text
+        extras = known_extras(job.extras, FAL_EXTRAS, REPLICATE_EXTRAS)
+        unsupported = sorted(_FLASH_UNSUPPORTED & extras.keys()) if job.model.endswith("-flash") else []
+        if unsupported:
+            # Sending them would be silently ignored by fal; refuse so the client knows.
+            raise InvalidRequest(
+                f"'{unsupported[0]}' is not supported by {job.model} on fal.", param=unsupported[0]
+            )
+        norm: dict[str, Behaviour] = {}
+        size = fit_size(job.size, MIN_SIDE, MAX_SIDE, MULTIPLE)
+        norm["size"] = Behaviour.RENAMED if size == job.size else Behaviour.CONVERTED
+        fmt = job.output_format
+        if fmt not in NATIVE_FORMATS or (job.output_compression is not None and fmt != "png"):
+            # fal has no quality knob: get lossless pixels and let the service encode as asked.
+            fmt = "png"
+            norm["output_format"] = Behaviour.CONVERTED
+        else:
+            norm["output_format"] = Behaviour.PASSTHROUGH
+        if job.output_compression is not None:
+            norm["output_compression"] = Behaviour.EMULATED
+        # Unknown extras first so that the mapped fields (the service's decisions) win.
+        body: dict[str, Any] = {k: v for k, v in extras.items() if k not in FAL_EXTRAS}
+        body |= {
+            "prompt": job.prompt,
+            "image_size": {"width": size.width, "height": size.height},
+            "num_images": job.n,
+            "output_format": fmt,
+            "seed": job.seed,
+        }
+        norm["n"] = Behaviour.RENAMED
+        norm["seed"] = Behaviour.PASSTHROUGH
+        if job.cfg_scale is not None:
+            body["guidance_scale"] = job.cfg_scale
+            norm["cfg_scale"] = Behaviour.RENAMED
+        if job.prompt_enhancement:
+            body["enable_prompt_expansion"] = True
+            norm["prompt_enhancement"] = Behaviour.RENAMED
+        if job.references:
+            body["image_urls"] = [data_uri(r) for r in job.references]
+            norm["image"] = Behaviour.CONVERTED
+        body |= {k: v for k, v in extras.items() if k in FAL_EXTRAS}
+        if extras:
+            norm["extras"] = Behaviour.PASSTHROUGH
+        return endpoint, body, norm
+
+    async def generate(self, job: ImageJob, progress: ProgressCallback) -> ProviderResult:
+        """Submit to the queue, poll until COMPLETED, fetch the result, download the images."""
+        if not self._key:
+            raise ProviderFailure("fal is not configured: set FAL_KEY.", code="provider_not_configured")
+        endpoint, body, norm = self.build_input(job)
+        t0 = time.monotonic()
+        timings = AttemptTimings()
+        report = Progress(progress)
+        response = await self._http.request(
+            "POST", f"{self._base}/{endpoint}", idempotent=False, json=body, headers=self._headers()
+        )
+        if response.status_code >= 400:
+            raise _client_error(response)
+        submitted = self._http.json(response, "submit")
+        timings.submitted_s = time.monotonic() - t0
+        request_id = submitted.get("request_id")
+        urls = [submitted.get(k) for k in ("status_url", "response_url", "cancel_url")]
+        if not isinstance(request_id, str) or not all(isinstance(u, str) and u for u in urls):
+            raise ProviderFailure("fal: the submit answer lacks request_id or the request URLs.")
+        status_url, response_url, cancel_url = (str(u) for u in urls)
+        completed = False
+        try:
+            await self._wait(status_url, t0, timings, report)
+            completed = True
+            result = await self._http.request("GET", response_url, idempotent=True, headers=self._headers())
+            if result.status_code >= 400:
+                raise _client_error(result)
+            output = self._http.json(result, "result")
+            return await self._collect(job, output, request_id, norm, t0, timings, report)
+        except BaseException:
+            if not completed:
+                # Deadline, failover, client gone or a poll failure: stop paying for the request.
+                await self._http.cancel_shielded(self._cancel(cancel_url, request_id))
+            raise
+
+    async def _wait(self, status_url: str, t0: float, timings: AttemptTimings, report: Progress) -> None:
+        interval = self.policy.poll_interval_s
+        while True:
+            response = await self._http.request(
+                "GET", status_url, idempotent=True, params={"logs": "1"}, headers=self._headers()
+            )
+            if response.status_code >= 400:
+                raise _client_error(response)
+            status = self._http.json(response, "status")
+            now = time.monotonic() - t0
+            if timings.first_status_s is None:
+                timings.first_status_s = now
+            state = status.get("status")
+            if state == "IN_QUEUE":
+                report("queued", message=f"queue position {status.get('queue_position')}")
+            elif state in ("IN_PROGRESS", "COMPLETED"):
+                if timings.queued_s == 0.0:
+                    timings.queued_s = now
+                if state == "COMPLETED":
+                    metrics = status.get("metrics")
+                    if isinstance(metrics, dict) and isinstance(metrics.get("inference_time"), int | float):
+                        timings.generation_s = float(metrics["inference_time"])
+                    return
+                step = step_of(_log_text(status.get("logs")))
+                report("step", *(step or (0, 0)))
+            else:
+                raise ProviderFailure(f"fal: unknown queue status {state!r}.")
+            if now + interval > self.policy.max_wait_s:
+                raise ProviderFailure(f"fal: no result within {self.policy.max_wait_s:g} s.")
+            await asyncio.sleep(interval)
+            interval = min(interval * self.policy.poll_backoff, self.policy.max_poll_interval_s)
+
+    async def _collect(
+        self,
+        job: ImageJob,
+        output: dict[str, Any],
+        request_id: str,
+        norm: dict[str, Behaviour],
+        t0: float,
+        timings: AttemptTimings,
+        report: Progress,
+    ) -> ProviderResult:
+        images = output.get("images")
+        if not isinstance(images, list) or not images:
+            raise ProviderFailure(f"fal: the result of {request_id} has no images.")
+        urls = [img.get("url") if isinstance(img, dict) else None for img in images]
+        if len(urls) < job.n or not all(isinstance(u, str) and u for u in urls):
+            raise ProviderFailure(
+                f"fal: the result of {request_id} has {len(urls)} usable images, not {job.n}."
+            )
+        flagged = output.get("has_nsfw_concepts")
+        if isinstance(flagged, list) and any(f is True for f in flagged):
+            # fal returns flagged images as black squares: useless, so refuse like a safety block.
+            raise ContentPolicyViolation(
+                "fal's safety checker flagged the generated image; try a different prompt.", param="prompt"
+            )
+        report("decoding")
+        downloads = await asyncio.gather(*(self._http.download(str(u)) for u in urls[: job.n]))
+        seed = output.get("seed")
+        out_seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+        # fal reports one seed per call: only the first image is known to come from it.
+        generated = [
+            to_image(data, self.name, out_seed if i == 0 else None) for i, (data, _) in enumerate(downloads)
+        ]
+        timings.first_byte_s = min(first for _, first in downloads) - t0
+        if timings.generation_s is None:
+            spent = output.get("timings")
+            if isinstance(spent, dict) and isinstance(spent.get("inference"), int | float):
+                timings.generation_s = float(spent["inference"])
+        timings.total_s = time.monotonic() - t0
+        revised = output.get("prompt")
+        report("done")
+        return ProviderResult(
+            images=generated,
+            timings=timings,
+            revised_prompt=revised
+            if job.prompt_enhancement and isinstance(revised, str) and revised != job.prompt
+            else None,
+            normalization=norm,
+            provider_request_id=request_id,
+        )
+
+    async def _cancel(self, cancel_url: str, request_id: str) -> None:
+        try:
+            response = await self._http.client.put(
+                cancel_url, headers=self._headers(), timeout=self.policy.cancel_timeout_s
+            )
+            log.info("fal: cancel %s -> %s %s", request_id, response.status_code, response.text[:100])
+        except httpx.HTTPError as exc:
+            log.warning("fal: cancelling %s failed: %r", request_id, exc)
+
+
+def _log_text(logs: object) -> str:
+    if not isinstance(logs, list):
+        return ""
+    return "\n".join(str(entry.get("message", "")) for entry in logs if isinstance(entry, dict))
+
+
+def _client_error(response: httpx.Response) -> FluxportError:
+    """Map a fal 4xx answer (other than 401/403/429, handled earlier) to a fluxport error."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        first = detail[0]
+        loc = first.get("loc")
+        fields = [p for p in loc if isinstance(p, str) and p != "body"] if isinstance(loc, list) else []
+        field = fields[0] if fields else None
+        param = _PARAMS.get(field, field) if field else None
+        msg = str(first.get("msg") or "invalid value")
+        if first.get("type") == "content_policy_violation":
+            return ContentPolicyViolation(f"fal refused the request: {msg}", param=param or "prompt")
+        return InvalidRequest(f"fal rejected {f'{param!r}' if param else 'the request'}: {msg}", param=param)
+    text = detail if isinstance(detail, str) else response.text[:200]
+    if response.status_code in (400, 422):
+        return InvalidRequest(f"fal rejected the request: {text}")
+    return ProviderFailure(f"fal answered {response.status_code}: {text}")

@@ -1,0 +1,311 @@
+"""Replicate adapter: black-forest-labs/flux-2-dev over the predictions API (create, wait, poll, cancel)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+import httpx
+
+from fluxport.domain.errors import ContentPolicyViolation, FluxportError, InvalidRequest, ProviderFailure
+from fluxport.domain.job import ImageJob, Size
+from fluxport.providers._hosted import (
+    FAL_EXTRAS,
+    REPLICATE_EXTRAS,
+    Http,
+    HttpPolicy,
+    Progress,
+    data_uri,
+    fit_size,
+    known_extras,
+    nearly_equal_ratio,
+    step_of,
+    to_image,
+)
+from fluxport.providers.base import (
+    AttemptTimings,
+    Behaviour,
+    Capabilities,
+    ProgressCallback,
+    ProviderResult,
+    ProviderState,
+)
+from fluxport.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODELS: dict[str, str] = {"flux.2-dev": "black-forest-labs/flux-2-dev"}
+# The aspect_ratio enum; each produces about 1 MP.
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1, 1),
+    "16:9": (16, 9),
+    "9:16": (9, 16),
+    "3:2": (3, 2),
+    "2:3": (2, 3),
+    "4:5": (4, 5),
+    "5:4": (5, 4),
+    "4:3": (4, 3),
+    "3:4": (3, 4),
+}
+MIN_SIDE, MAX_SIDE, MULTIPLE = 256, 1440, 32
+# The enum is used only when its ~1 MP output is about what was asked; otherwise custom w x h.
+_ENUM_PIXELS = (0.85 * 1024 * 1024, 1.15 * 1024 * 1024)
+NATIVE_FORMATS = frozenset({"png", "jpeg", "webp"})
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+_SAFETY = re.compile(r"nsfw|safety|sensitive|content polic|unsafe", re.IGNORECASE)
+_PARAMS = {
+    "aspect_ratio": "size",
+    "width": "size",
+    "height": "size",
+    "input_images": "image",
+    "output_quality": "output_compression",
+}
+
+
+class ReplicateProvider:
+    """Replicate predictions API (https://api.replicate.com); configured when REPLICATE_API_TOKEN is set."""
+
+    name = "replicate"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: httpx.AsyncClient | None = None,
+        policy: HttpPolicy | None = None,
+        wait_s: int = 5,
+    ) -> None:
+        """`wait_s` is the Prefer: wait window (1-60). Short, because a call abandoned while the
+        create request is open cannot be cancelled: its prediction id is not known yet."""
+        self._token = settings.replicate_api_token
+        self._base = settings.replicate_url.rstrip("/")
+        self.policy = policy or HttpPolicy()
+        self.wait_s = max(1, min(60, wait_s))
+        self._http = Http(self.name, self.policy, client)
+
+    def state(self, model: str) -> ProviderState:
+        if model not in MODELS:
+            return ProviderState(False, f"Replicate does not serve {model}")
+        if not self._token:
+            return ProviderState(False, "set REPLICATE_API_TOKEN to a Replicate API token")
+        return ProviderState(True, f"Replicate predictions API at {self._base} ({MODELS[model]})")
+
+    def capabilities(self, model: str) -> Capabilities:
+        return Capabilities(
+            max_images_per_call=1,
+            max_references=4,
+            native_output_formats=NATIVE_FORMATS,
+            extras=REPLICATE_EXTRAS,
+            supports_prompt_enhancement=False,
+            supports_cfg_scale=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def build_input(self, job: ImageJob) -> tuple[str, dict[str, Any], dict[str, Behaviour]]:
+        """The model route, the prediction input and the normalisation report (no I/O)."""
+        if job.model not in MODELS:
+            raise InvalidRequest(f"Replicate does not serve model {job.model}.", param="model")
+        # Refuse rather than drop: the service should have routed these elsewhere.
+        if job.cfg_scale is not None:
+            raise InvalidRequest("Replicate's flux-2-dev has no guidance control.", param="cfg_scale")
+        if job.prompt_enhancement:
+            raise InvalidRequest(
+                "Replicate's flux-2-dev has no prompt expansion.", param="prompt_enhancement"
+            )
+        if job.n != 1:
+            raise InvalidRequest("Replicate makes one image per prediction.", param="n")
+        extras = known_extras(job.extras, REPLICATE_EXTRAS, FAL_EXTRAS)
+        norm: dict[str, Behaviour] = {"seed": Behaviour.PASSTHROUGH, "n": Behaviour.PASSTHROUGH}
+        body: dict[str, Any] = {k: v for k, v in extras.items() if k not in REPLICATE_EXTRAS}
+        body |= {"prompt": job.prompt, "seed": job.seed, **_size_input(job.size)}
+        norm["size"] = Behaviour.CONVERTED
+        if job.output_format in NATIVE_FORMATS:
+            fmt = job.output_format
+            norm["output_format"] = Behaviour.RENAMED if fmt == "jpeg" else Behaviour.PASSTHROUGH
+        else:
+            fmt = "png"  # lossless, for the service to convert to avif / gif
+            norm["output_format"] = Behaviour.CONVERTED
+        body["output_format"] = "jpg" if fmt == "jpeg" else fmt
+        if job.output_compression is not None and fmt != "png":
+            body["output_quality"] = job.output_compression
+            norm["output_compression"] = Behaviour.RENAMED
+        elif job.output_compression is not None:
+            norm["output_compression"] = Behaviour.EMULATED
+        if job.references:
+            body["input_images"] = [data_uri(r) for r in job.references]
+            norm["image"] = Behaviour.CONVERTED
+        own = {k: v for k, v in extras.items() if k in REPLICATE_EXTRAS}
+        if "width" in own or "height" in own:
+            body["aspect_ratio"] = "custom"  # the client's explicit provider size wins
+        body |= own
+        if extras:
+            norm["extras"] = Behaviour.PASSTHROUGH
+        return MODELS[job.model], body, norm
+
+    async def generate(self, job: ImageJob, progress: ProgressCallback) -> ProviderResult:
+        """Create a prediction (waiting up to wait_s), poll urls.get to a terminal status, download."""
+        if not self._token:
+            raise ProviderFailure(
+                "Replicate is not configured: set REPLICATE_API_TOKEN.", code="provider_not_configured"
+            )
+        model, body, norm = self.build_input(job)
+        t0 = time.monotonic()
+        timings = AttemptTimings()
+        report = Progress(progress)
+        headers = self._headers() | {
+            "Prefer": f"wait={self.wait_s}",
+            # A server-side deadline, so a prediction we lost track of cannot run for 30 minutes.
+            "Cancel-After": f"{max(1, int(self.policy.max_wait_s))}s",
+        }
+        response = await self._http.request(
+            "POST",
+            f"{self._base}/v1/models/{model}/predictions",
+            idempotent=False,
+            json={"input": body},
+            headers=headers,
+            timeout_s=self.wait_s + self.policy.timeout_s,
+        )
+        if response.status_code >= 400:
+            raise _client_error(response)
+        prediction = self._http.json(response, "create")
+        timings.submitted_s = timings.first_status_s = time.monotonic() - t0
+        pid = prediction.get("id")
+        urls = prediction.get("urls")
+        if not isinstance(pid, str) or not isinstance(urls, dict) or not isinstance(urls.get("get"), str):
+            raise ProviderFailure("Replicate: the create answer lacks id or urls.get.")
+        cancel_url = urls.get("cancel")
+        cancel_url = (
+            cancel_url if isinstance(cancel_url, str) else f"{self._base}/v1/predictions/{pid}/cancel"
+        )
+        finished = False
+        try:
+            prediction = await self._wait(prediction, str(urls["get"]), t0, timings, report)
+            finished = True
+            return await self._collect(prediction, pid, norm, t0, timings, report)
+        except BaseException:
+            if not finished:
+                await self._http.cancel_shielded(self._cancel(cancel_url, pid))
+            raise
+
+    async def _wait(
+        self,
+        prediction: dict[str, Any],
+        get_url: str,
+        t0: float,
+        timings: AttemptTimings,
+        report: Progress,
+    ) -> dict[str, Any]:
+        interval = self.policy.poll_interval_s
+        while True:
+            status = prediction.get("status")
+            now = time.monotonic() - t0
+            if status in ("processing", *TERMINAL) and timings.queued_s == 0.0:
+                timings.queued_s = now
+            # For file outputs Replicate may hand out `output` while status is still "processing".
+            if status in TERMINAL or (status == "processing" and prediction.get("output")):
+                return prediction
+            if status == "starting":
+                report("loading")
+            elif status == "processing":
+                logs = prediction.get("logs")
+                step = step_of(logs) if isinstance(logs, str) else None
+                report("step", *(step or (0, 0)))
+            else:
+                raise ProviderFailure(f"Replicate: unknown prediction status {status!r}.")
+            if now + interval > self.policy.max_wait_s:
+                raise ProviderFailure(f"Replicate: no result within {self.policy.max_wait_s:g} s.")
+            await asyncio.sleep(interval)
+            interval = min(interval * self.policy.poll_backoff, self.policy.max_poll_interval_s)
+            response = await self._http.request("GET", get_url, idempotent=True, headers=self._headers())
+            if response.status_code >= 400:
+                raise _client_error(response)
+            prediction = self._http.json(response, "prediction")
+
+    async def _collect(
+        self,
+        prediction: dict[str, Any],
+        pid: str,
+        norm: dict[str, Behaviour],
+        t0: float,
+        timings: AttemptTimings,
+        report: Progress,
+    ) -> ProviderResult:
+        status = prediction.get("status")
+        error = prediction.get("error")
+        if status == "failed":
+            text = str(error or "no error message")
+            if _SAFETY.search(text):
+                raise ContentPolicyViolation(f"Replicate's safety checker refused: {text}", param="prompt")
+            raise ProviderFailure(f"Replicate prediction {pid} failed: {text}")
+        if status in ("canceled", "aborted"):
+            raise ProviderFailure(f"Replicate prediction {pid} was {status} by Replicate.")
+        output = prediction.get("output")
+        if isinstance(output, list):
+            output = output[0] if output else None
+        if not isinstance(output, str) or not output:
+            raise ProviderFailure(f"Replicate prediction {pid} succeeded without an output image.")
+        metrics = prediction.get("metrics")
+        if isinstance(metrics, dict) and isinstance(metrics.get("predict_time"), int | float):
+            timings.generation_s = float(metrics["predict_time"])
+        report("decoding")
+        data, first_byte = await self._http.download(output)
+        timings.first_byte_s = first_byte - t0
+        seed = prediction.get("input", {}).get("seed") if isinstance(prediction.get("input"), dict) else None
+        image = to_image(data, self.name, seed if isinstance(seed, int) else None)
+        timings.total_s = time.monotonic() - t0
+        report("done")
+        return ProviderResult(images=[image], timings=timings, normalization=norm, provider_request_id=pid)
+
+    async def _cancel(self, cancel_url: str, pid: str) -> None:
+        try:
+            response = await self._http.client.post(
+                cancel_url, headers=self._headers(), timeout=self.policy.cancel_timeout_s
+            )
+            log.info("replicate: cancel %s -> %s", pid, response.status_code)
+        except httpx.HTTPError as exc:
+            log.warning("replicate: cancelling %s failed: %r", pid, exc)
+
+
+def _size_input(size: Size) -> dict[str, Any]:
+    """aspect_ratio from the enum when it yields about `size`, else custom width/height."""
+    if _ENUM_PIXELS[0] <= size.pixels <= _ENUM_PIXELS[1]:
+        for name, (w, h) in ASPECT_RATIOS.items():
+            if nearly_equal_ratio(size, w, h):
+                return {"aspect_ratio": name}
+    fitted = fit_size(size, MIN_SIDE, MAX_SIDE, MULTIPLE)
+    return {"aspect_ratio": "custom", "width": fitted.width, "height": fitted.height}
+
+
+def _client_error(response: httpx.Response) -> FluxportError:
+    """Map a Replicate 4xx (RFC 7807 body; other than 401/403/429) to a fluxport error."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    body = body if isinstance(body, dict) else {}
+    detail = str(body.get("detail") or body.get("title") or response.text[:200])
+    param: str | None = None
+    fields = body.get("invalid_fields")
+    if isinstance(fields, list) and fields and isinstance(fields[0], dict):
+        name = str(fields[0].get("field", "")).removeprefix("input.")
+        param = _PARAMS.get(name, name) or None
+        detail = str(fields[0].get("description") or detail)
+    else:
+        match = re.search(r"input\.(\w+)", detail)
+        if match:
+            param = _PARAMS.get(match.group(1), match.group(1))
+    if response.status_code in (400, 422):
+        if _SAFETY.search(detail):
+            return ContentPolicyViolation(f"Replicate refused the request: {detail}", param=param or "prompt")
+        return InvalidRequest(
+            f"Replicate rejected {f'{param!r}' if param else 'the request'}: {detail}", param=param
+        )
+    return ProviderFailure(f"Replicate answered {response.status_code}: {detail}")
