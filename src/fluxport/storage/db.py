@@ -189,6 +189,9 @@ class AttemptRecord(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     queued_ms: Mapped[float | None] = mapped_column(Double)
+    # Hosted providers: milliseconds from the attempt's start to the submit answer / first status.
+    submitted_ms: Mapped[float | None] = mapped_column(Double)
+    first_status_ms: Mapped[float | None] = mapped_column(Double)
     ttfb_ms: Mapped[float | None] = mapped_column(Double)
     generation_ms: Mapped[float | None] = mapped_column(Double)
     total_ms: Mapped[float | None] = mapped_column(Double)
@@ -284,6 +287,8 @@ class AttemptRow:
     started_at: datetime
     finished_at: datetime | None
     queued_ms: float | None
+    submitted_ms: float | None
+    first_status_ms: float | None
     ttfb_ms: float | None
     generation_ms: float | None
     total_ms: float | None
@@ -303,6 +308,8 @@ class AttemptRow:
             started_at=a.started_at,
             finished_at=a.finished_at,
             queued_ms=a.queued_ms,
+            submitted_ms=a.submitted_ms,
+            first_status_ms=a.first_status_ms,
             ttfb_ms=a.ttfb_ms,
             generation_ms=a.generation_ms,
             total_ms=a.total_ms,
@@ -580,6 +587,8 @@ class Database:
         provider_request_id: str | None,
         normalization: dict[str, str] | None,
         billed_usd: float | None,
+        submitted_ms: float | None = None,
+        first_status_ms: float | None = None,
     ) -> None:
         """Record an attempt's outcome (succeeded / failed / cancelled) and stamp finished_at."""
         _check(status, _ATTEMPT_FINAL, "final attempt status")
@@ -591,6 +600,8 @@ class Database:
                     status=status,
                     error=error,
                     queued_ms=queued_ms,
+                    submitted_ms=submitted_ms,
+                    first_status_ms=first_status_ms,
                     ttfb_ms=ttfb_ms,
                     generation_ms=generation_ms,
                     total_ms=total_ms,
