@@ -47,9 +47,12 @@ class ModelSpec:
     strengths: tuple[str, ...] = ()
     limitations: tuple[str, ...] = ()
     best_for: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other names clients use, e.g. the Hub repo id
 
 
-NOISE_NOTE = "flux.2-dummy has random weights: its output is noise. It exists to try and test fluxport offline."
+NOISE_NOTE = (
+    "flux.2-dummy has random weights: its output is noise. It exists to try and test fluxport offline."
+)
 
 MODELS: dict[str, ModelSpec] = {
     m.id: m
@@ -66,6 +69,7 @@ MODELS: dict[str, ModelSpec] = {
             ),
             limitations=("Slow: about 28-50 denoising steps", "Non-commercial FLUX [dev] licence"),
             best_for=("High-quality images", "Multi-reference edits and product shots"),
+            aliases=("black-forest-labs/FLUX.2-dev", "fal-ai/flux-2", "black-forest-labs/flux-2-dev"),
         ),
         ModelSpec(
             id="flux.2-dev-flash",
@@ -77,6 +81,7 @@ MODELS: dict[str, ModelSpec] = {
             strengths=("Fast: a few denoising steps", "Lowest price per megapixel"),
             limitations=("Slightly less detail than the full schedule", "No step or acceleration control"),
             best_for=("Interactive use and drafts", "High-volume generation"),
+            aliases=("fal-ai/flux-2/flash", "fal/flux.2-dev-flash"),
         ),
         ModelSpec(
             id="flux.2-dummy",
@@ -88,6 +93,15 @@ MODELS: dict[str, ModelSpec] = {
             strengths=("Runs anywhere in seconds, no GPU, no download",),
             limitations=("Output is noise",),
             best_for=("Trying fluxport offline", "Tests and CI"),
+            aliases=("fluxport/flux.2-dummy",),
         ),
     )
 }
+
+
+_LOOKUP = {name.lower(): spec for spec in MODELS.values() for name in (spec.id, *spec.aliases)}
+
+
+def find_model(model_id: str) -> ModelSpec | None:
+    """A model by id or alias, case-insensitively."""
+    return _LOOKUP.get(model_id.strip().lower())

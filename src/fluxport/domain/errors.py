@@ -25,6 +25,16 @@ class FluxportError(Exception):
             self.code = code
         self.headers: dict[str, str] = dict(headers or {})
 
+    def record(self) -> dict[str, str | int | None]:
+        """The error as stored with a request or attempt."""
+        return {
+            "status": self.status,
+            "type": self.type,
+            "code": self.code,
+            "param": self.param,
+            "message": self.message,
+        }
+
     def body(self) -> dict[str, object]:
         return {
             "error": {

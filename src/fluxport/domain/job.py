@@ -75,4 +75,4 @@ class ImageJob:
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def image_seed(self, index: int) -> int:
-        return (self.seed + index) % 2**32
+        return self.seed + index
