@@ -1,0 +1,159 @@
+"""Pydantic models of the OpenAI Images wire shapes, with fluxport's additions."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fluxport.domain.errors import InvalidRequest
+
+MAX_SEED = 2**63 - 1
+
+# OpenAI-only knobs with no FLUX.2 meaning: accepted so SDK calls work, reported as ignored,
+# and never forwarded to a provider (they are not the "unknown fields" that pass through).
+OPENAI_ONLY_FIELDS = frozenset(
+    {
+        "quality",
+        "moderation",
+        "style",
+        "user",
+        "safety_identifier",
+        "input_fidelity",
+        "complexity",
+        "partial_images",
+        "frame_count",
+        "frame_duration_ms",
+    }
+)
+
+
+class ImageRequest(BaseModel):
+    """Body of POST /v1/images/generations, and the text fields of /v1/images/edits."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field(description="What to draw, or how to edit the references.")
+    model: str | None = Field(default=None, description="Model id; default flux.2-dev.")
+    n: int | None = Field(default=None, ge=1, le=10, description="Number of images, 1-10.")
+    size: str | None = Field(default=None, description="WxH, W:H or auto.", examples=["1024x768", "16:9"])
+    aspect_ratio: str | None = Field(default=None, description="Any W:H; mapped to the nearest supported.")
+    resolution: str | None = Field(default=None, description="0.5K, 1K, 2K, 4K, or megapixels (0.25, 1).")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i.")
+    cfg_scale: float | None = Field(default=None, ge=0, le=20, description="Guidance scale.")
+    prompt_enhancement: Literal["on", "off"] | None = Field(
+        default=None, description="on: the provider rewrites the prompt; it comes back as revised_prompt."
+    )
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "gif", "webp", "avif"] | None = None
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="Quality for lossy formats."
+    )
+    stream: bool | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+    @field_validator("prompt_enhancement", mode="before")
+    @classmethod
+    def _enhancement_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.lower() in {"true", "false"}:
+            return "on" if value.lower() == "true" else "off"
+        return value
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _jpg_alias(cls, value: object) -> object:
+        return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """Fields fluxport does not define: provider-specific or unknown, handed on."""
+        return {k: v for k, v in (self.model_extra or {}).items() if k not in OPENAI_ONLY_FIELDS}
+
+    @property
+    def ignored(self) -> list[str]:
+        return sorted(
+            k for k, v in (self.model_extra or {}).items() if k in OPENAI_ONLY_FIELDS and v is not None
+        )
+
+
+def parse_image_request(data: object) -> ImageRequest:
+    """Validate a decoded body; every failure is a 400 naming the offending field."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", param=None, code="invalid_json")
+    # The SDK sends null for arguments passed as None: that means "use the default".
+    data = {k: v for k, v in data.items() if v is not None}
+    try:
+        return ImageRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "missing":
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}'.", param=param, code="missing_required"
+            ) from None
+        got = first.get("input")
+        shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+        raise InvalidRequest(
+            f"Invalid value for '{param}': {first['msg']} (got {shown[:100]}).", param=param
+        ) from None
+
+
+class ImageObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int | None = Field(default=None, description="The seed that reproduces this image.")
+
+
+class ImagesResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    created: int
+    data: list[ImageObject]
+    model: str
+    output_format: str
+    size: str = Field(description="The delivered size, WxH.")
+    expires_at: int | None = Field(default=None, description="When url links stop working (unix seconds).")
+
+
+class ProviderInfo(BaseModel):
+    name: str
+    configured: bool
+    detail: str
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    name: str
+    description: str
+    noise: bool = Field(description="True when the model's output is random noise (flux.2-dummy).")
+    available: bool = Field(description="At least one provider is configured.")
+    providers: list[ProviderInfo]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

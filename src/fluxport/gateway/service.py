@@ -1,0 +1,569 @@
+"""Runs one image request end to end: validate, size, pick providers, generate, convert, store, record."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fluxport import media
+from fluxport.api.protocol import ImageRequest
+from fluxport.catalog import MODELS, NOISE_NOTE, ModelSpec, find_model
+from fluxport.domain.errors import (
+    FluxportError,
+    Interrupted,
+    InvalidRequest,
+    NotFound,
+    ProviderFailure,
+    ServiceUnavailable,
+)
+from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
+from fluxport.domain.sizing import SizeDecision, decide_size
+from fluxport.providers.base import (
+    Behaviour,
+    Capabilities,
+    GeneratedImage,
+    ProgressCallback,
+    Provider,
+    ProviderResult,
+    ProviderState,
+    no_progress,
+)
+from fluxport.settings import Settings
+from fluxport.storage.blobs import BlobStore, new_image_id
+from fluxport.storage.db import Database, ImageRow
+
+log = logging.getLogger("fluxport.service")
+
+MAX_REFERENCES = 4
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready to run: the job and the providers that can serve it, in order."""
+
+    job: ImageJob
+    spec: ModelSpec
+    providers: list[Provider]
+    size: SizeDecision
+    request: ImageRequest
+    record: dict[str, Any]
+
+
+@dataclass
+class StoredImage:
+    id: str
+    path: str  # URL path, e.g. /images/<id>.png
+    image: media.EncodedImage
+    seed: int | None
+
+
+@dataclass
+class Completed:
+    request_id: str
+    model: str
+    provider: str
+    images: list[StoredImage]
+    size: Size
+    output_format: str
+    response_format: str
+    revised_prompt: str | None
+    normalization: dict[str, str]
+    attempts: list[str] = field(default_factory=list)
+    created: int = 0
+
+
+def new_request_id() -> str:
+    return f"req_{secrets.token_hex(12)}"
+
+
+class ImageService:
+    """The gateway: one instance per process, built at start-up with everything it needs."""
+
+    def __init__(
+        self, settings: Settings, db: Database, blobs: BlobStore, providers: Mapping[str, Provider]
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.blobs = blobs
+        self.providers = dict(providers)
+        # Running requests are owned here, not by the HTTP handler, so a client that goes away
+        # cannot cancel a generation half-way: it completes, is stored and is recorded.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._decode_slots = asyncio.Semaphore(2)
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def spec(self, model: str | None) -> ModelSpec:
+        model_id = model or self.settings.default_model
+        spec = find_model(model_id)
+        if spec is None:
+            known = ", ".join(MODELS)
+            raise NotFound(
+                f"The model '{model_id}' does not exist. Available models: {known}.", param="model"
+            )
+        return spec
+
+    def provider_states(self, spec: ModelSpec) -> list[tuple[str, ProviderState]]:
+        states = []
+        for name in spec.providers:
+            provider = self.providers.get(name)
+            if provider is None:
+                states.append((name, ProviderState(False, f"the {name} provider is not installed")))
+            else:
+                states.append((name, provider.state(spec.id)))
+        return states
+
+    def configured_providers(self, spec: ModelSpec) -> list[Provider]:
+        return [
+            self.providers[name]
+            for name, state in self.provider_states(spec)
+            if state.configured and name in self.providers
+        ]
+
+    # -- preparing --------------------------------------------------------------------------------
+
+    async def prepare(
+        self, request_id: str, operation: Operation, req: ImageRequest, uploads: Sequence[bytes] = ()
+    ) -> PreparedRequest:
+        """Validate everything that can be validated before any provider is called."""
+        spec = self.spec(req.model)
+        prompt = req.prompt
+        if not prompt.strip():
+            raise InvalidRequest("'prompt' must not be empty.", param="prompt")
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise InvalidRequest(
+                f"'prompt' is {len(prompt)} characters; the maximum is {self.settings.max_prompt_chars}.",
+                param="prompt",
+            )
+        if req.stream:
+            raise InvalidRequest("Streaming is not supported yet; omit 'stream'.", param="stream")
+        if req.background == "transparent":
+            raise InvalidRequest("FLUX.2 cannot make transparent backgrounds.", param="background")
+        if operation is Operation.EDIT and not uploads:
+            raise InvalidRequest("An edit needs at least one reference image.", param="image")
+        limit = min(MAX_REFERENCES, spec.max_references)
+        if len(uploads) > limit:
+            raise InvalidRequest(
+                f"{spec.id} takes at most {limit} reference images; got {len(uploads)}.", param="image"
+            )
+        candidates = self.configured_providers(spec)
+        if not candidates:
+            raise ServiceUnavailable(self._how_to_configure(spec))
+
+        references = await self._load_references(uploads)
+        decision = decide_size(
+            spec,
+            size=req.size,
+            aspect_ratio=req.aspect_ratio,
+            resolution=req.resolution,
+            reference=references[0].size if references else None,
+        )
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        job = ImageJob(
+            request_id=request_id,
+            model=spec.id,
+            operation=operation,
+            prompt=prompt,
+            size=decision.size,
+            n=req.n or 1,
+            seed=seed,
+            seed_given=req.seed is not None,
+            cfg_scale=req.cfg_scale,
+            prompt_enhancement=req.prompt_enhancement == "on",
+            output_format=req.output_format or "png",
+            output_compression=req.output_compression,
+            response_format=req.response_format or "url",
+            references=tuple(references),
+            extras=req.extras,
+        )
+        providers = self._able(spec, job, candidates)
+        record = {
+            "size": str(decision.size),
+            "size_source": decision.source,
+            "requested": {"size": req.size, "aspect_ratio": req.aspect_ratio, "resolution": req.resolution},
+            "n": job.n,
+            "seed": job.seed,
+            "seed_given": job.seed_given,
+            "cfg_scale": job.cfg_scale,
+            "prompt_enhancement": job.prompt_enhancement,
+            "output_format": job.output_format,
+            "output_compression": job.output_compression,
+            "response_format": job.response_format,
+            "references": [{"format": r.format, "width": r.width, "height": r.height} for r in references],
+            "extras": dict(job.extras),
+            "ignored": req.ignored,
+        }
+        return PreparedRequest(job, spec, providers, decision, req, record)
+
+    async def _load_references(self, uploads: Sequence[bytes]) -> list[ReferenceImage]:
+        s = self.settings
+
+        async def load(index: int, data: bytes) -> ReferenceImage:
+            # Decoding a 50 MP reference takes ~200 MB: two at a time keeps memory bounded.
+            async with self._decode_slots:
+                return await asyncio.to_thread(
+                    media.load_reference,
+                    data,
+                    index=index,
+                    max_bytes=s.max_image_bytes,
+                    max_pixels=s.max_input_pixels,
+                )
+
+        return list(await asyncio.gather(*(load(i, data) for i, data in enumerate(uploads))))
+
+    def _able(self, spec: ModelSpec, job: ImageJob, candidates: list[Provider]) -> list[Provider]:
+        """Drop providers that cannot honour the request; a parameter is never silently dropped."""
+        able = candidates
+        checks: list[tuple[str, bool, Any]] = [
+            ("cfg_scale", job.cfg_scale is not None, lambda c: c.supports_cfg_scale),
+            ("prompt_enhancement", job.prompt_enhancement, lambda c: c.supports_prompt_enhancement),
+            ("image", len(job.references) > 0, lambda c: c.max_references >= len(job.references)),
+        ]
+        for param, wanted, ok in checks:
+            if not wanted:
+                continue
+            remaining = [p for p in able if ok(p.capabilities(spec.id))]
+            if not remaining:
+                names = ", ".join(p.name for p in able)
+                raise InvalidRequest(
+                    f"No configured provider of {spec.id} ({names}) supports '{param}' as requested.",
+                    param=param,
+                    code="unsupported_parameter",
+                )
+            able = remaining
+        return able
+
+    def _how_to_configure(self, spec: ModelSpec) -> str:
+        hints = {
+            "local": "set FLUXPORT_LOCAL_WEIGHTS to a FLUX.2 [dev] weights directory"
+            + (" and FLUXPORT_LOCAL_FLASH_LORA to the Turbo LoRA" if spec.id == "flux.2-dev-flash" else ""),
+            "fal": "set FAL_KEY",
+            "replicate": "set REPLICATE_API_TOKEN",
+        }
+        ways = "; or ".join(hints[p] for p in spec.providers if p in hints)
+        return (
+            f"No provider is configured for {spec.id}. To serve it, {ways}, then restart fluxport. "
+            f"To try fluxport without any provider, use model flux.2-dummy ({NOISE_NOTE})"
+        )
+
+    async def reject(
+        self, request_id: str, operation: Operation, fields: dict[str, Any], exc: FluxportError
+    ) -> None:
+        """Record a request refused before it ran, so no request goes unrecorded."""
+        model = fields.get("model") if isinstance(fields.get("model"), str) else None
+        prompt = fields.get("prompt") if isinstance(fields.get("prompt"), str) else ""
+        safe = {k: v for k, v in fields.items() if k != "prompt" and isinstance(v, str | int | float | bool)}
+        await self.db.create_request(
+            id=request_id,
+            model=(model or self.settings.default_model)[:200],
+            operation=operation.value,
+            prompt=str(prompt)[: self.settings.max_prompt_chars],
+            params=safe,
+            n=1,
+        )
+        await self.db.finish_request(
+            request_id,
+            status="rejected",
+            provider=None,
+            error=exc.record(),
+            queued_ms=None,
+            generation_ms=None,
+            ttfb_ms=None,
+            total_ms=None,
+            width=None,
+            height=None,
+            images=0,
+            revised_prompt=None,
+        )
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def submit(
+        self, prepared: PreparedRequest, progress: ProgressCallback = no_progress
+    ) -> asyncio.Task[Completed]:
+        """Record the request, then run it in a task the service owns (safe from client disconnects)."""
+        job = prepared.job
+        await self.db.create_request(
+            id=job.request_id,
+            model=job.model,
+            operation=job.operation.value,
+            prompt=job.prompt,
+            params=prepared.record,
+            n=job.n,
+        )
+        task = asyncio.create_task(self._execute(prepared, progress), name=f"fluxport-{job.request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def run(self, prepared: PreparedRequest, progress: ProgressCallback = no_progress) -> Completed:
+        task = await self.submit(prepared, progress)
+        return await asyncio.shield(task)
+
+    def client_gone(self, request_id: str) -> None:
+        """The client disconnected: note it; the generation itself carries on."""
+        task = asyncio.create_task(self.db.mark_client_disconnected(request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, grace_s: float) -> None:
+        """Let running requests finish (shutdown), then cancel what is left."""
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+
+    async def _execute(self, p: PreparedRequest, progress: ProgressCallback) -> Completed:
+        job = p.job
+        t0 = time.monotonic()
+        await self.db.set_request_status(job.request_id, "running")
+        failures: list[str] = []
+        try:
+            for provider in p.providers:
+                try:
+                    result, timing = await self._attempt(provider, p, progress, t0)
+                except ProviderFailure as exc:
+                    failures.append(f"{provider.name}: {exc.message}")
+                    log.warning("request %s: %s failed: %s", job.request_id, provider.name, exc.message)
+                    continue
+                completed = await self._deliver(p, provider, result, t0, timing)
+                completed.attempts = [*failures_names(failures), provider.name]
+                return completed
+            tried = "; ".join(failures)
+            raise ProviderFailure(f"Every provider failed for {job.model}: {tried}.")
+        except FluxportError as exc:
+            await self._fail(job, exc, t0)
+            raise
+        except asyncio.CancelledError:
+            await asyncio.shield(self._fail(job, Interrupted("The server stopped during generation."), t0))
+            raise
+        except Exception as exc:
+            log.exception("request %s failed unexpectedly", job.request_id)
+            err = FluxportError(f"Internal error while generating: {type(exc).__name__}.")
+            await self._fail(job, err, t0)
+            raise err from exc
+
+    async def _fail(self, job: ImageJob, exc: FluxportError, t0: float) -> None:
+        status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        await self.db.finish_request(
+            job.request_id,
+            status=status,
+            provider=None,
+            error=exc.record(),
+            queued_ms=None,
+            generation_ms=None,
+            ttfb_ms=None,
+            total_ms=(time.monotonic() - t0) * 1000,
+            width=None,
+            height=None,
+            images=0,
+            revised_prompt=None,
+        )
+
+    async def _attempt(
+        self, provider: Provider, p: PreparedRequest, progress: ProgressCallback, t0: float
+    ) -> tuple[ProviderResult, dict[str, float | None]]:
+        """One provider: n split into calls the provider can make, run side by side, each recorded."""
+        job = p.job
+        caps = provider.capabilities(job.model)
+        per_call = max(1, caps.max_images_per_call)
+        slices = [
+            replace(job, n=min(per_call, job.n - start), seed=job.seed + start)
+            for start in range(0, job.n, per_call)
+        ]
+        started = time.monotonic() - t0
+        tasks = [asyncio.create_task(self._call(provider, s, progress)) for s in slices]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        images = [img for r in results for img in r.images]
+        normalization: dict[str, Behaviour] = {}
+        for r in results:
+            normalization.update(r.normalization)
+        if len(slices) > 1:
+            normalization["n"] = Behaviour.EMULATED
+        merged = ProviderResult(
+            images=images,
+            timings=results[0].timings,
+            revised_prompt=next((r.revised_prompt for r in results if r.revised_prompt), None),
+            normalization=normalization,
+            provider_request_id=",".join(r.provider_request_id for r in results if r.provider_request_id)
+            or None,
+        )
+        first_bytes = [r.timings.first_byte_s for r in results if r.timings.first_byte_s is not None]
+        generations = [r.timings.generation_s for r in results if r.timings.generation_s is not None]
+        timing = {
+            "queued_ms": max(r.timings.queued_s for r in results) * 1000,
+            "generation_ms": max(generations) * 1000 if generations else None,
+            "ttfb_ms": (started + min(first_bytes)) * 1000 if first_bytes else None,
+        }
+        return merged, timing
+
+    async def _call(self, provider: Provider, job: ImageJob, progress: ProgressCallback) -> ProviderResult:
+        attempt = await self.db.start_attempt(
+            request_id=job.request_id, provider=provider.name, model=job.model
+        )
+        t = time.monotonic()
+        try:
+            result = await provider.generate(job, progress)
+            if len(result.images) != job.n:
+                raise ProviderFailure(
+                    f"{provider.name} returned {len(result.images)} images instead of {job.n}."
+                )
+        except BaseException as exc:
+            status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+            error = exc.record() if isinstance(exc, FluxportError) else {"message": repr(exc)}
+            await asyncio.shield(
+                self.db.finish_attempt(
+                    attempt,
+                    status=status,
+                    error=dict(error),
+                    queued_ms=None,
+                    ttfb_ms=None,
+                    generation_ms=None,
+                    total_ms=(time.monotonic() - t) * 1000,
+                    provider_request_id=None,
+                    normalization=None,
+                    billed_usd=None,
+                )
+            )
+            raise
+        tm = result.timings
+        await self.db.finish_attempt(
+            attempt,
+            status="succeeded",
+            error=None,
+            queued_ms=tm.queued_s * 1000,
+            ttfb_ms=tm.first_byte_s * 1000 if tm.first_byte_s is not None else None,
+            generation_ms=tm.generation_s * 1000 if tm.generation_s is not None else None,
+            total_ms=(time.monotonic() - t) * 1000,
+            provider_request_id=result.provider_request_id,
+            normalization={k: v.value for k, v in result.normalization.items()},
+            billed_usd=result.billed_usd,
+            submitted_ms=_ms(tm.submitted_s),
+            first_status_ms=_ms(tm.first_status_s),
+        )
+        return result
+
+    async def _deliver(
+        self,
+        p: PreparedRequest,
+        provider: Provider,
+        result: ProviderResult,
+        t0: float,
+        timing: dict[str, float | None],
+    ) -> Completed:
+        """Convert to the exact size and format, save every image, then record success."""
+        job = p.job
+        caps = provider.capabilities(job.model)
+        try:
+            encoded = await asyncio.gather(
+                *(
+                    asyncio.to_thread(
+                        media.finalize_image, img, job.size, job.output_format, job.output_compression
+                    )
+                    for img in result.images
+                )
+            )
+        except ValueError as exc:  # the provider's bytes are not a usable image
+            raise ProviderFailure(f"{provider.name} returned an unusable image: {exc}") from exc
+        stored: list[StoredImage] = []
+        rows: list[ImageRow] = []
+        for index, (img, enc) in enumerate(zip(result.images, encoded, strict=True)):
+            image_id = new_image_id()
+            ext = "jpg" if enc.format == "jpeg" else enc.format
+            path = await self.blobs.save(image_id, enc.data, ext)
+            rows.append(
+                ImageRow(
+                    id=image_id,
+                    request_id=job.request_id,
+                    index=index,
+                    path=path,
+                    format=enc.format,
+                    mime=enc.mime,
+                    width=enc.width,
+                    height=enc.height,
+                    bytes=len(enc.data),
+                )
+            )
+            stored.append(StoredImage(image_id, f"/images/{image_id}.{ext}", enc, _seed_of(img, job, index)))
+        await self.db.add_images(rows)
+        await self.db.finish_request(
+            job.request_id,
+            status="succeeded",
+            provider=provider.name,
+            error=None,
+            queued_ms=timing["queued_ms"],
+            generation_ms=timing["generation_ms"],
+            ttfb_ms=timing["ttfb_ms"],
+            total_ms=(time.monotonic() - t0) * 1000,
+            width=job.size.width,
+            height=job.size.height,
+            images=len(stored),
+            revised_prompt=result.revised_prompt,
+        )
+        return Completed(
+            request_id=job.request_id,
+            model=job.model,
+            provider=provider.name,
+            images=stored,
+            size=job.size,
+            output_format=job.output_format,
+            response_format=job.response_format,
+            revised_prompt=result.revised_prompt,
+            normalization=self._report(p, caps, result, provider),
+            created=int(time.time()),
+        )
+
+    def _report(
+        self, p: PreparedRequest, caps: Capabilities, result: ProviderResult, provider: Provider
+    ) -> dict[str, str]:
+        """param -> passthrough / renamed / converted / emulated (or ignored): x-fluxport-normalization."""
+        job, req = p.job, p.request
+        report: dict[str, str] = {k: v.value for k, v in result.normalization.items()}
+        if p.size.adjusted or any(img.size != job.size for img in result.images):
+            report["size"] = Behaviour.CONVERTED.value
+        report.setdefault("size", Behaviour.PASSTHROUGH.value)
+        size_given = bool(req.size and req.size.strip().lower() != "auto")
+        for name in ("aspect_ratio", "resolution"):
+            if getattr(req, name):
+                report[name] = (
+                    "ignored" if size_given and p.size.source == "size" else Behaviour.CONVERTED.value
+                )
+        native = job.output_format in caps.native_output_formats
+        report["output_format"] = (
+            report.get("output_format", Behaviour.PASSTHROUGH.value) if native else Behaviour.CONVERTED.value
+        )
+        if job.output_compression is not None:
+            report.setdefault(
+                "output_compression", Behaviour.PASSTHROUGH.value if native else Behaviour.CONVERTED.value
+            )
+        report["response_format"] = Behaviour.EMULATED.value
+        report.setdefault("n", Behaviour.PASSTHROUGH.value)
+        for name in req.ignored:
+            report[name] = "ignored"
+        return report
+
+
+def _ms(seconds: float | None) -> float | None:
+    return seconds * 1000 if seconds is not None else None
+
+
+def failures_names(failures: list[str]) -> list[str]:
+    return [f.split(":", 1)[0] for f in failures]
+
+
+def _seed_of(img: GeneratedImage, job: ImageJob, index: int) -> int | None:
+    return img.seed if img.seed is not None else job.image_seed(index)

@@ -1,0 +1,85 @@
+"""Fixtures that start real fluxport servers on loopback and point the official openai SDK at them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fluxport.api.app import create_app
+from fluxport.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: Settings
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/v1"
+
+    def client(self, **kwargs: Any) -> openai.OpenAI:
+        kwargs.setdefault("max_retries", 0)
+        return openai.OpenAI(base_url=self.api, api_key="sk-test", **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def start_server(data_dir: Path, **overrides: Any) -> LiveServer:
+    """A real uvicorn server in a thread, on a free port, with its own data directory."""
+    # Hosted provider keys from the developer's shell must not leak into tests.
+    settings = Settings(**{"data_dir": data_dir, "fal_key": None, "replicate_api_token": None, **overrides})
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"fluxport-test-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    return LiveServer(f"http://127.0.0.1:{port}", settings, server, thread)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    live = start_server(tmp_path_factory.mktemp("fluxport-data"))
+    # Build the dummy pipeline once up front so the first test does not pay for it.
+    httpx.post(
+        f"{live.api}/images/generations",
+        json={"model": "flux.2-dummy", "prompt": "warm up", "size": "256x256", "response_format": "b64_json"},
+        timeout=120,
+    ).raise_for_status()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: LiveServer) -> openai.OpenAI:
+    return server.client()

@@ -1,0 +1,111 @@
+"""Records, disconnects and back-pressure: nothing is lost, nothing hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from fluxport.storage.db import Database
+from tests.conftest import LiveServer, start_server
+
+DUMMY = "flux.2-dummy"
+
+
+def fetch_request(server: LiveServer, request_id: str):  # type: ignore[no-untyped-def]
+    async def go():  # type: ignore[no-untyped-def]
+        db = await Database.open(server.settings.resolved_database_url)
+        try:
+            return await db.get_request(request_id), await db.list_attempts(request_id)
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
+def test_request_and_attempts_are_recorded(server: LiveServer, client: openai.OpenAI) -> None:
+    raw = client.images.with_raw_response.generate(
+        model=DUMMY,
+        prompt="a recorded cat",
+        n=2,
+        size="320x256",
+        response_format="url",
+        extra_body={"seed": 11},
+    )
+    request_id = raw.headers["x-request-id"]
+    row, attempts = fetch_request(server, request_id)
+    assert row is not None
+    assert row.status == "succeeded" and row.provider == "local" and row.model == DUMMY
+    assert (row.width, row.height, row.images, row.n) == (320, 256, 2, 2)
+    assert row.params["seed"] == 11 and row.params["size"] == "320x256"
+    assert row.total_ms and row.total_ms > 0 and row.generation_ms is not None and row.ttfb_ms is not None
+    assert attempts and all(a.status == "succeeded" and a.provider == "local" for a in attempts)
+
+
+def test_rejected_requests_are_recorded_too(server: LiveServer, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(model=DUMMY, prompt="x", n=12)
+    row, attempts = fetch_request(server, info.value.request_id or "")
+    assert row is not None and row.status == "rejected" and row.error["param"] == "n"
+    assert attempts == []
+
+
+def test_client_disconnect_loses_nothing(server: LiveServer) -> None:
+    body = {"model": DUMMY, "prompt": "slow", "n": 4, "size": "2048x2048", "response_format": "url"}
+    with httpx.Client(timeout=httpx.Timeout(0.5)) as http:
+        try:
+            response = http.post(f"{server.api}/images/generations", json=body)
+            pytest.skip(f"generation finished before the client gave up ({response.status_code})")
+        except httpx.ReadTimeout:
+            pass
+
+    # The request id never reached us; find the request by its prompt once it has finished.
+    async def latest():  # type: ignore[no-untyped-def]
+        db = await Database.open(server.settings.resolved_database_url)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                rows = await db.find_requests(prompt="slow")
+                if rows and rows[0].status not in ("queued", "running"):
+                    return rows[0], await db.list_images(rows[0].id)
+                await asyncio.sleep(0.2)
+            raise AssertionError("the abandoned generation never finished")
+        finally:
+            await db.close()
+
+    row, images = asyncio.run(latest())
+    assert row.status == "succeeded" and row.images == 4
+    assert row.client_disconnected is True
+    assert len(images) == 4
+    for image in images:
+        assert (server.settings.images_dir / image.path).stat().st_size == image.bytes > 0
+
+
+def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
+    live = start_server(tmp_path, local_queue_size=1)
+    try:
+        client = live.client()
+        client.images.generate(model=DUMMY, prompt="warm", size="256x256", response_format="b64_json")
+
+        def one(_: int) -> str:
+            try:
+                client.images.generate(
+                    model=DUMMY, prompt="busy", n=2, size="1024x1024", response_format="b64_json"
+                )
+                return "ok"
+            except openai.RateLimitError as exc:
+                retry_after = exc.response.headers.get("retry-after")
+                assert retry_after is not None and 1 <= float(retry_after) <= 120
+                assert exc.type == "rate_limit_error"
+                return "429"
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(one, range(6)))
+        assert "429" in outcomes and "ok" in outcomes
+    finally:
+        live.stop()
