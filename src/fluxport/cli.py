@@ -1,0 +1,319 @@
+"""The fluxport command line: serve the API, or generate and edit in-process with progress bars."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from fluxport.catalog import MODELS, NOISE_NOTE
+from fluxport.domain.errors import FluxportError
+from fluxport.domain.job import Operation
+from fluxport.providers.base import ProgressEvent
+from fluxport.settings import Settings
+
+app = typer.Typer(
+    help="fluxport: one OpenAI-compatible API for FLUX.2 [dev] across fal, Replicate and your own GPUs.\n\n"
+    "Configuration comes from the environment (FLUXPORT_DATA_DIR, FLUXPORT_DATABASE_URL, "
+    "FLUXPORT_LOCAL_WEIGHTS, FLUXPORT_LOCAL_FLASH_LORA, FLUXPORT_LOCAL_DEVICE, FAL_KEY, "
+    "REPLICATE_API_TOKEN, ...); "
+    "see the README.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Interface to listen on (default FLUXPORT_HOST or 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default FLUXPORT_PORT or 8000).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API and /docs (embedded default: SQLite and files in FLUXPORT_DATA_DIR)."""
+    import uvicorn
+
+    from fluxport.api.app import create_app
+    from fluxport.providers.registry import build_providers
+
+    settings = Settings()
+    host = host or settings.host
+    port = port or settings.port
+    _show_models(settings, build_providers(settings))
+    console.print(
+        f"Data: {settings.data_dir.resolve()}  Database: {_safe_url(settings.resolved_database_url)}"
+    )
+    console.print(f"API: [bold]http://{host}:{port}/v1[/]   docs: http://{host}:{port}/docs")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _show_models(settings: Settings, providers: dict[str, Any]) -> None:
+    table = Table(title="Models", show_lines=False)
+    table.add_column("model")
+    table.add_column("providers")
+    for spec in MODELS.values():
+        cells = []
+        for name in spec.providers:
+            provider = providers.get(name)
+            state = provider.state(spec.id) if provider else None
+            cells.append(f"[green]{name}[/]" if state and state.configured else f"[dim]{name}[/]")
+        note = " [yellow](noise)[/]" if spec.noise else ""
+        table.add_row(spec.id + note, " ".join(cells))
+    console.print(table)
+    console.print(f"[yellow]{NOISE_NOTE}[/]")
+
+
+Model = Annotated[
+    str | None, typer.Option("--model", "-m", help="Model id (default FLUXPORT_DEFAULT_MODEL, flux.2-dev).")
+]
+Output = Annotated[
+    Path,
+    typer.Option("--output", "-o", help="Output file; the suffix picks the format. n>1 adds -1, -2, ..."),
+]
+SizeOpt = Annotated[str | None, typer.Option(help="WxH, W:H or auto.")]
+Ratio = Annotated[str | None, typer.Option("--aspect-ratio", help="Any W:H; nearest supported ratio.")]
+Res = Annotated[str | None, typer.Option(help="0.5K, 1K, 2K, 4K or megapixels.")]
+Seed = Annotated[int | None, typer.Option(help="Seed; image i uses seed + i.")]
+Count = Annotated[int, typer.Option("-n", help="Number of images (1-10).")]
+Cfg = Annotated[float | None, typer.Option("--cfg-scale", help="Guidance scale.")]
+Enhance = Annotated[bool, typer.Option("--enhance/--no-enhance", help="Prompt enhancement.")]
+Fmt = Annotated[str | None, typer.Option("--format", help="png, jpeg, gif, webp or avif (default: from -o).")]
+Quality = Annotated[int | None, typer.Option("--compression", help="0-100 for jpeg, webp, avif.")]
+Steps = Annotated[int | None, typer.Option(help="Denoising steps (local provider).")]
+Extra = Annotated[
+    list[str] | None, typer.Option("--extra", "-x", help="Provider field KEY=VALUE (repeatable).")
+]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    output: Output = Path("image.png"),
+    model: Model = None,
+    size: SizeOpt = None,
+    aspect_ratio: Ratio = None,
+    resolution: Res = None,
+    seed: Seed = None,
+    n: Count = 1,
+    cfg_scale: Cfg = None,
+    enhance: Enhance = False,
+    fmt: Fmt = None,
+    compression: Quality = None,
+    steps: Steps = None,
+    extra: Extra = None,
+) -> None:
+    """Generate images in-process (no server), with progress bars for model loading and steps."""
+    fields = _fields(
+        prompt,
+        output,
+        model,
+        size,
+        aspect_ratio,
+        resolution,
+        seed,
+        n,
+        cfg_scale,
+        enhance,
+        fmt,
+        compression,
+        steps,
+        extra,
+    )
+    _run(Operation.GENERATE, fields, [], output)
+
+
+@app.command()
+def edit(
+    prompt: Annotated[str, typer.Argument(help="How to edit the reference images.")],
+    image: Annotated[
+        list[Path],
+        typer.Option("--image", "-i", help="Reference image (1-4; repeat -i).", exists=True, dir_okay=False),
+    ],
+    output: Output = Path("edit.png"),
+    model: Model = None,
+    size: SizeOpt = None,
+    aspect_ratio: Ratio = None,
+    resolution: Res = None,
+    seed: Seed = None,
+    n: Count = 1,
+    cfg_scale: Cfg = None,
+    enhance: Enhance = False,
+    fmt: Fmt = None,
+    compression: Quality = None,
+    steps: Steps = None,
+    extra: Extra = None,
+) -> None:
+    """Edit with 1-4 reference images in-process, with progress bars."""
+    fields = _fields(
+        prompt,
+        output,
+        model,
+        size,
+        aspect_ratio,
+        resolution,
+        seed,
+        n,
+        cfg_scale,
+        enhance,
+        fmt,
+        compression,
+        steps,
+        extra,
+    )
+    _run(Operation.EDIT, fields, [p.read_bytes() for p in image], output)
+
+
+def _fields(
+    prompt: str,
+    output: Path,
+    model: str | None,
+    size: str | None,
+    aspect_ratio: str | None,
+    resolution: str | None,
+    seed: int | None,
+    n: int,
+    cfg_scale: float | None,
+    enhance: bool,
+    fmt: str | None,
+    compression: int | None,
+    steps: int | None,
+    extra: list[str] | None,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "prompt": prompt,
+        "model": model,
+        "size": size,
+        "aspect_ratio": aspect_ratio,
+        "resolution": resolution,
+        "seed": seed,
+        "n": n,
+        "cfg_scale": cfg_scale,
+        "prompt_enhancement": "on" if enhance else None,
+        "output_format": fmt or FORMATS.get(output.suffix.lower(), "png"),
+        "output_compression": compression,
+        "response_format": "b64_json",
+        "num_inference_steps": steps,
+    }
+    for item in extra or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--extra takes KEY=VALUE, got {item!r}")
+        fields[key] = _parse_value(value)
+    return fields
+
+
+def _parse_value(value: str) -> Any:
+    if value in ("true", "false"):
+        return value == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _run(operation: Operation, fields: dict[str, Any], uploads: list[bytes], output: Path) -> None:
+    try:
+        asyncio.run(_run_async(operation, fields, uploads, output))
+    except FluxportError as exc:
+        console.print(f"[red]error[/] ({exc.status} {exc.code}, param={exc.param}): {exc.message}")
+        raise typer.Exit(1) from None
+
+
+async def _run_async(
+    operation: Operation, fields: dict[str, Any], uploads: list[bytes], output: Path
+) -> None:
+    from fluxport.api.protocol import parse_image_request
+    from fluxport.gateway.service import ImageService, new_request_id
+    from fluxport.providers.registry import build_providers
+    from fluxport.storage.blobs import BlobStore
+    from fluxport.storage.db import Database
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = await Database.open(settings.resolved_database_url)
+    providers = build_providers(settings)
+    service = ImageService(settings, db, BlobStore(settings.images_dir), providers)
+    t0 = time.monotonic()
+    try:
+        req = parse_image_request(fields)
+        prepared = await service.prepare(new_request_id(), operation, req, uploads)
+        if prepared.spec.noise:
+            console.print(f"[yellow]{NOISE_NOTE}[/]")
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bars:
+            tasks: dict[str, Any] = {}
+
+            def on_progress(event: ProgressEvent) -> None:
+                # Called from the device worker thread; Rich's Progress is thread-safe.
+                if event.stage == "loading":
+                    key = "loading"
+                    if key not in tasks:
+                        tasks[key] = bars.add_task(f"Loading {prepared.spec.id}", total=None)
+                    if event.total:
+                        bars.update(tasks[key], total=event.total, completed=event.step)
+                elif event.stage == "queued":
+                    if "queued" not in tasks:
+                        tasks["queued"] = bars.add_task("Waiting for the device", total=None)
+                elif event.stage == "step":
+                    if "loading" in tasks:
+                        bars.update(tasks["loading"], total=1, completed=1)
+                    if "steps" not in tasks:
+                        tasks["steps"] = bars.add_task("Denoising", total=event.total)
+                    bars.update(tasks["steps"], completed=event.step, total=event.total)
+                elif event.stage in ("decoding", "done") and "steps" in tasks:
+                    bars.update(tasks["steps"], completed=bars.tasks[tasks["steps"]].total or 0)
+
+            done = await service.run(prepared, on_progress)
+    finally:
+        for provider in providers.values():
+            await provider.aclose()
+        await db.close()
+    paths = []
+    for i, img in enumerate(done.images):
+        path = output if len(done.images) == 1 else output.with_name(f"{output.stem}-{i + 1}{output.suffix}")
+        path.write_bytes(img.image.data)
+        paths.append(path)
+    console.print(
+        f"[green]done[/] in {time.monotonic() - t0:.1f}s via {done.provider}: "
+        f"{done.size} {done.output_format}, seeds {', '.join(str(i.seed) for i in done.images)}"
+    )
+    if done.revised_prompt:
+        console.print(f"revised prompt: {done.revised_prompt}")
+    for path in paths:
+        typer.echo(str(path))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,72 @@
+"""The CLI runs in-process: generate and edit write real image files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.imagefactory import png_bytes
+
+
+def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLUXPORT_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    env.pop("FAL_KEY", None)
+    env.pop("REPLICATE_API_TOKEN", None)
+    return subprocess.run(
+        [sys.executable, "-m", "fluxport.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_documents_every_command(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "--help")
+    assert out.returncode == 0
+    for command in ("serve", "generate", "edit"):
+        assert command in out.stdout
+    gen = run_cli(tmp_path, "generate", "--help")
+    assert "--aspect-ratio" in gen.stdout and "--output" in gen.stdout
+
+
+def test_generate_writes_the_file(tmp_path: Path) -> None:
+    target = tmp_path / "cat.webp"
+    out = run_cli(
+        tmp_path,
+        "generate",
+        "a cat",
+        "-m",
+        "flux.2-dummy",
+        "--size",
+        "320x272",
+        "--seed",
+        "3",
+        "-o",
+        str(target),
+    )
+    assert out.returncode == 0, out.stderr
+    image = Image.open(target)
+    assert image.format == "WEBP" and image.size == (320, 272)
+    assert "noise" in out.stderr  # the dummy model says what it is
+    assert "Denoising" in out.stderr
+
+
+def test_edit_with_two_references(tmp_path: Path) -> None:
+    refs = []
+    for i, (w, h) in enumerate([(300, 200), (200, 200)]):
+        ref = tmp_path / f"ref{i}.png"
+        ref.write_bytes(png_bytes(w, h))
+        refs += ["-i", str(ref)]
+    target = tmp_path / "edit.png"
+    out = run_cli(tmp_path, "edit", "blend", *refs, "-m", "flux.2-dummy", "-n", "2", "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    for i in (1, 2):
+        image = Image.open(tmp_path / f"edit-{i}.png")
+        assert abs(image.size[0] / image.size[1] - 1.5) < 0.01
+
+
+def test_errors_are_clear(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "generate", "a cat", "-m", "flux.2-dev", "-o", str(tmp_path / "x.png"))
+    assert out.returncode == 1
+    assert "FAL_KEY" in out.stderr
