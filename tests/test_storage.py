@@ -681,3 +681,48 @@ def test_new_image_id() -> None:
         assert len(base64.urlsafe_b64decode(image_id + "=" * (-len(image_id) % 4))) * 8 >= 128
     # Every URL-safe symbol turns up in every position class: no fixed or low-entropy prefix.
     assert len({i[0] for i in ids}) == 64 and len({i[-2] for i in ids}) == 64
+
+
+async def test_a_database_at_revision_0001_upgrades_to_head(tmp_path: Path) -> None:
+    """An existing install keeps its data across upgrades: later revisions only add to it."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from fluxport.storage.db import alembic_config, make_engine
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+
+    def to_0001(connection: Any) -> None:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0001")
+
+    async with engine.begin() as conn:
+        await conn.run_sync(to_0001)
+        columns = await conn.run_sync(lambda c: {col["name"] for col in inspect(c).get_columns("requests")})
+    await engine.dispose()
+    assert "cost_usd" not in columns
+
+    db = await Database.open(url)
+    try:
+        await db.create_request(id="req_old", model="m", operation="generate", prompt="p", params={}, n=1)
+        await db.finish_request(
+            "req_old",
+            status="succeeded",
+            provider="fal",
+            error=None,
+            queued_ms=None,
+            generation_ms=None,
+            ttfb_ms=None,
+            total_ms=None,
+            width=None,
+            height=None,
+            images=0,
+            revised_prompt=None,
+            cost_usd=0.5,
+        )
+        row = await db.get_request("req_old")
+        assert row is not None and row.cost_usd == 0.5
+    finally:
+        await db.close()

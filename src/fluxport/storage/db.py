@@ -32,8 +32,10 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    case,
     event,
     false,
+    func,
     select,
     text,
     update,
@@ -51,6 +53,7 @@ __all__ = [
     "REQUEST_STATUSES",
     "AttemptRecord",
     "AttemptRow",
+    "AttemptStats",
     "AttemptStatus",
     "Base",
     "Database",
@@ -66,12 +69,14 @@ __all__ = [
 
 Operation = Literal["generate", "edit"]
 # "rejected": refused before it ran (validation); recorded all the same.
-RequestStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "interrupted"]
+RequestStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "dry_run", "interrupted"]
 AttemptStatus = Literal["running", "succeeded", "failed", "cancelled"]
 
 OPERATIONS: Final = frozenset({"generate", "edit"})
-REQUEST_STATUSES: Final = frozenset({"queued", "running", "succeeded", "failed", "rejected", "interrupted"})
-_REQUEST_FINAL: Final = frozenset({"succeeded", "failed", "rejected", "interrupted"})
+REQUEST_STATUSES: Final = frozenset(
+    {"queued", "running", "succeeded", "failed", "rejected", "dry_run", "interrupted"}
+)
+_REQUEST_FINAL: Final = frozenset({"succeeded", "failed", "rejected", "dry_run", "interrupted"})
 _REQUEST_IN_FLIGHT: Final = ("queued", "running")
 ATTEMPT_STATUSES: Final = frozenset({"running", "succeeded", "failed", "cancelled"})
 _ATTEMPT_FINAL: Final = frozenset({"succeeded", "failed", "cancelled"})
@@ -161,6 +166,8 @@ class RequestRecord(Base):
     n: Mapped[int] = mapped_column(Integer, nullable=False)
     images: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default=text("0"))
     revised_prompt: Mapped[str | None] = mapped_column(Text)
+    # Everything the providers billed for this request: winner, hedge losers, billed failures.
+    cost_usd: Mapped[float | None] = mapped_column(Double)
     client_disconnected: Mapped[bool] = mapped_column(
         Boolean, nullable=False, default=False, server_default=false()
     )
@@ -246,6 +253,7 @@ class RequestRow:
     n: int
     images: int
     revised_prompt: str | None
+    cost_usd: float | None
     client_disconnected: bool
     finished_at: datetime | None
 
@@ -270,6 +278,7 @@ class RequestRow:
             n=r.n,
             images=r.images,
             revised_prompt=r.revised_prompt,
+            cost_usd=r.cost_usd,
             client_disconnected=r.client_disconnected,
             finished_at=r.finished_at,
         )
@@ -321,6 +330,21 @@ class AttemptRow:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptStats:
+    """One provider's finished (succeeded or failed) attempts of a model over a time window.
+
+    Latency percentiles are over succeeded attempts that recorded the figure; None when none did.
+    """
+
+    provider: str
+    attempts: int
+    successes: int
+    total_p50_ms: float | None
+    total_p95_ms: float | None
+    ttfb_p50_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRow:
     """One stored image: `path` is relative to the images dir (see `BlobStore`)."""
 
@@ -362,6 +386,9 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     # WAL: readers (stats, image fetches) never block the writer, nor the writer them.
     cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL loses nothing when the process dies (kill -9), only on power loss, and
+    # spares an fsync per commit: several commits per request add up under load.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -466,10 +493,19 @@ class Database:
     # Requests
 
     async def create_request(
-        self, *, id: str, model: str, operation: str, prompt: str, params: dict[str, Any], n: int
+        self,
+        *,
+        id: str,
+        model: str,
+        operation: str,
+        prompt: str,
+        params: dict[str, Any],
+        n: int,
+        status: str = "queued",
     ) -> None:
-        """Record a new request as queued."""
+        """Record a new request (queued, or already running when it starts at once)."""
         _check(operation, OPERATIONS, "operation")
+        _check(status, frozenset(_REQUEST_IN_FLIGHT), "initial request status")
         async with self._write() as session:
             session.add(
                 RequestRecord(
@@ -479,7 +515,7 @@ class Database:
                     operation=operation,
                     prompt=prompt,
                     params=params,
-                    status="queued",
+                    status=status,
                     n=n,
                     images=0,
                     client_disconnected=False,
@@ -507,6 +543,7 @@ class Database:
         height: int | None,
         images: int,
         revised_prompt: str | None,
+        cost_usd: float | None = None,
     ) -> None:
         """Record the outcome (succeeded / failed / rejected / interrupted) and stamp finished_at."""
         _check(status, _REQUEST_FINAL, "final request status")
@@ -526,6 +563,7 @@ class Database:
                     height=height,
                     images=images,
                     revised_prompt=revised_prompt,
+                    cost_usd=cost_usd,
                     finished_at=_utcnow(),
                 )
             )
@@ -564,10 +602,16 @@ class Database:
 
     # Attempts
 
-    async def start_attempt(self, *, request_id: str, provider: str, model: str) -> int:
-        """Record a running attempt; returns its id."""
+    async def start_attempt(
+        self, *, request_id: str, provider: str, model: str, started_at: datetime | None = None
+    ) -> int:
+        """Record a running attempt; returns its id. `started_at` (default now) is for imports and tests."""
         record = AttemptRecord(
-            request_id=request_id, provider=provider, model=model, status="running", started_at=_utcnow()
+            request_id=request_id,
+            provider=provider,
+            model=model,
+            status="running",
+            started_at=started_at or _utcnow(),
         )
         async with self._write() as session:
             session.add(record)
@@ -620,6 +664,99 @@ class Database:
                 select(AttemptRecord).where(AttemptRecord.request_id == request_id).order_by(AttemptRecord.id)
             )
             return [AttemptRow.of(a) for a in rows]
+
+    async def recent_outcomes(
+        self, *, per_pair: int = 200
+    ) -> dict[tuple[str, str], list[tuple[bool, float]]]:
+        """The latest finished attempts per (provider, model), oldest first: (succeeded, seconds).
+
+        Seeds the router's in-memory window at start-up, so its ranking survives a restart.
+        """
+        a = AttemptRecord
+        ranked = (
+            select(
+                a.provider,
+                a.model,
+                a.status,
+                a.total_ms,
+                a.started_at,
+                func.row_number()
+                .over(partition_by=(a.provider, a.model), order_by=a.started_at.desc())
+                .label("rn"),
+            )
+            .where(a.status.in_(("succeeded", "failed")), a.total_ms.is_not(None))
+            .subquery()
+        )
+        query = (
+            select(ranked.c.provider, ranked.c.model, ranked.c.status, ranked.c.total_ms)
+            .where(ranked.c.rn <= per_pair)
+            .order_by(ranked.c.started_at)
+        )
+        out: dict[tuple[str, str], list[tuple[bool, float]]] = {}
+        async with self.sessions() as session:
+            for provider, model, status, total_ms in (await session.execute(query)).all():
+                out.setdefault((provider, model), []).append((status == "succeeded", total_ms / 1000))
+        return out
+
+    async def attempt_stats(self, model: str, *, since: datetime, until: datetime) -> list[AttemptStats]:
+        """Per provider, the finished attempts of `model` started in [since, until); see `AttemptStats`.
+
+        Percentiles are nearest-rank (the value at rank ceil(p * n) of the n sorted samples), computed
+        in SQL with window functions, which SQLite (3.25+) and PostgreSQL share.
+        """
+        a = AttemptRecord
+        window = (
+            a.model == model,
+            a.started_at >= since,
+            a.started_at < until,
+            a.status.in_(("succeeded", "failed")),  # cancelled (hedge losers) and running: no verdict
+        )
+        counts = (
+            select(
+                a.provider,
+                func.count().label("attempts"),
+                func.sum(case((a.status == "succeeded", 1), else_=0)).label("successes"),
+            )
+            .where(*window)
+            .group_by(a.provider)
+        )
+
+        def nearest_rank(column: Any) -> Any:
+            ranked = (
+                select(
+                    a.provider.label("provider"),
+                    column.label("v"),
+                    func.row_number().over(partition_by=a.provider, order_by=column).label("rn"),
+                    func.count().over(partition_by=a.provider).label("n"),
+                )
+                .where(*window, a.status == "succeeded", column.is_not(None))
+                .subquery()
+            )
+            # ceil(p * n) in integer arithmetic: (n + 1) // 2 for p50, (95 n + 99) // 100 for p95.
+            return select(
+                ranked.c.provider,
+                func.max(case((ranked.c.rn == (ranked.c.n + 1) // 2, ranked.c.v))).label("p50"),
+                func.max(case((ranked.c.rn == (95 * ranked.c.n + 99) // 100, ranked.c.v))).label("p95"),
+            ).group_by(ranked.c.provider)
+
+        async with self.sessions() as session:
+            totals = {r.provider: r for r in await session.execute(counts)}
+            total_ms = {r.provider: r for r in await session.execute(nearest_rank(a.total_ms))}
+            ttfb_ms = {r.provider: r for r in await session.execute(nearest_rank(a.ttfb_ms))}
+        out = []
+        for provider in sorted(totals):
+            t, g = total_ms.get(provider), ttfb_ms.get(provider)
+            out.append(
+                AttemptStats(
+                    provider=provider,
+                    attempts=int(totals[provider].attempts),
+                    successes=int(totals[provider].successes or 0),
+                    total_p50_ms=t.p50 if t else None,
+                    total_p95_ms=t.p95 if t else None,
+                    ttfb_p50_ms=g.p50 if g else None,
+                )
+            )
+        return out
 
     # Images
 

@@ -68,8 +68,6 @@ def upgrade() -> None:
         sa.Column("started_at", _ts(), nullable=False),
         sa.Column("finished_at", _ts(), nullable=True),
         sa.Column("queued_ms", sa.Double(), nullable=True),
-        sa.Column("submitted_ms", sa.Double(), nullable=True),
-        sa.Column("first_status_ms", sa.Double(), nullable=True),
         sa.Column("ttfb_ms", sa.Double(), nullable=True),
         sa.Column("generation_ms", sa.Double(), nullable=True),
         sa.Column("total_ms", sa.Double(), nullable=True),
