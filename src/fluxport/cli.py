@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -313,6 +314,77 @@ async def _run_async(
         console.print(f"revised prompt: {done.revised_prompt}")
     for path in paths:
         typer.echo(str(path))
+
+
+@app.command()
+def stats(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="One model (default: all).")] = None,
+    window_days: Annotated[int, typer.Option(min=1, help="Rolling window in days.")] = 30,
+) -> None:
+    """Provider Rankings: p50 / p95 generation time, success rate, TTFB and price per model."""
+    from fluxport.catalog import find_model
+
+    if model is not None and find_model(model) is None:
+        console.print(f"[red]error[/]: unknown model {model!r}; known: {', '.join(MODELS)}")
+        raise typer.Exit(1)
+    specs = [find_model(model)] if model is not None else list(MODELS.values())
+    tables = asyncio.run(_stats_tables([s.id for s in specs if s], window_days))
+    # Piped output is not wrapped to Rich's 80-column fallback; a terminal gets its own width.
+    out = Console() if sys.stdout.isatty() else Console(width=120)
+    out.print(*tables)
+
+
+async def _stats_tables(models: list[str], window_days: int) -> list[Table]:
+    from datetime import timedelta
+
+    from rich.markup import escape
+
+    from fluxport.domain.pricing import rate_for
+    from fluxport.gateway.stats import provider_stats
+    from fluxport.storage.db import Database
+
+    settings = Settings()
+    db = await Database.open(settings.resolved_database_url)
+    try:
+        tables = []
+        for model_id in models:
+            spec = MODELS[model_id]
+            rows = await provider_stats(
+                db, model_id, providers=spec.providers, window=timedelta(days=window_days)
+            )
+            # Fastest median first; then providers that only failed; then those without data.
+            rows.sort(key=lambda r: (r.requests == 0, r.p50_ms is None, r.p50_ms or 0.0))
+            title = f"Provider Rankings: {escape(spec.name)} ({model_id}), last {window_days} days"
+            table = Table(title=title)
+            for column in ("provider", "p50", "p95", "success rate", "TTFB p50", "requests", "$/MP"):
+                table.add_column(column, justify="left" if column == "provider" else "right")
+            for r in rows:
+                price = _usd(rate_for(r.provider, model_id, settings).output_per_mp)
+                if r.requests == 0:
+                    table.add_row(r.provider, "[dim]no data yet[/]", "", "", "", "0", price)
+                    continue
+                rate = f"{r.success_rate:.1%}" if r.success_rate is not None else "-"
+                table.add_row(
+                    r.provider,
+                    _ms_text(r.p50_ms),
+                    _ms_text(r.p95_ms),
+                    rate,
+                    _ms_text(r.ttfb_p50_ms),
+                    str(r.requests),
+                    price,
+                )
+            tables.append(table)
+        return tables
+    finally:
+        await db.close()
+
+
+def _usd(amount: float) -> str:
+    return "$" + (f"{amount:.6f}".rstrip("0").rstrip(".") if amount else "0")
+
+
+def _ms_text(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:,.0f} ms"
 
 
 if __name__ == "__main__":
