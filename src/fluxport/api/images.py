@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import re
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -114,6 +115,24 @@ async def edits(request: Request) -> JSONResponse:
 
 
 async def _run(request: Request, service: ImageService, prepared: PreparedRequest) -> JSONResponse:
+    if prepared.request.dry_run:
+        estimate = await service.dry_run(prepared)
+        body = {
+            "created": int(time.time()),
+            "data": [],
+            "model": prepared.job.model,
+            "output_format": prepared.job.output_format,
+            "size": str(estimate.size),
+            "dry_run": True,
+            "provider": estimate.provider,
+            "providers": [{"provider": name, "cost_usd": cost} for name, cost in estimate.providers],
+            "usage": estimate.usage.to_wire(),
+        }
+        headers = {
+            "x-fluxport-provider": estimate.provider,
+            "x-fluxport-cost-usd": f"{estimate.usage.cost_usd:.6f}",
+        }
+        return JSONResponse(body, headers=headers)
     task = await service.submit(prepared)
     try:
         done = await asyncio.shield(task)
@@ -144,10 +163,13 @@ def _respond(request: Request, service: ImageService, done: Completed) -> JSONRe
         "output_format": done.output_format,
         "size": str(done.size),
     }
+    if done.usage is not None:
+        body["usage"] = done.usage.to_wire()
     headers = {
         "x-fluxport-provider": done.provider,
         "x-fluxport-attempts": ",".join(done.attempts),
         "x-fluxport-normalization": ", ".join(f"{k}={v}" for k, v in sorted(done.normalization.items())),
+        "x-fluxport-cost-usd": f"{done.usage.cost_usd if done.usage else 0.0:.6f}",
     }
     return JSONResponse(body, headers=headers)
 

@@ -51,6 +51,15 @@ class ImageRequest(BaseModel):
     )
     stream: bool | None = None
     background: Literal["transparent", "opaque", "auto"] | None = None
+    # Routing (fluxport): an explicit provider order, a strategy, hedging, or a cost estimate only.
+    provider: str | list[str] | None = Field(
+        default=None, description="A provider name or an ordered list: only these, in this order."
+    )
+    strategy: Literal["balanced", "fastest", "cheapest"] | None = Field(
+        default=None, description="How to rank providers; default from FLUXPORT_ROUTER_STRATEGY."
+    )
+    hedge: bool | None = Field(default=None, description="Start a backup attempt when the primary is slow.")
+    dry_run: bool | None = Field(default=None, description="Return the cost estimate and provider only.")
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -122,6 +131,10 @@ class ImagesResponse(BaseModel):
     model: str
     output_format: str
     size: str = Field(description="The delivered size, WxH.")
+    usage: dict[str, Any] | None = Field(
+        default=None,
+        description="images, input_megapixels, output_megapixels and cost_usd (plus OpenAI's token keys).",
+    )
     expires_at: int | None = Field(default=None, description="When url links stop working (unix seconds).")
 
 

@@ -9,6 +9,9 @@ class FluxportError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    # Set by a provider when the work it was paid for completed before the failure (e.g. the
+    # result download failed): the attempt is still billed.
+    provider_billed: bool = False
 
     def __init__(
         self,
@@ -115,3 +118,27 @@ class Interrupted(FluxportError):
     status = 500
     type = "server_error"
     code = "interrupted"
+
+
+class CoolingDown(FluxportError):
+    """Every able provider's circuit breaker is open; come back when the first one reopens."""
+
+    status = 503
+    type = "server_error"
+    code = "providers_cooling_down"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        seconds = max(1, min(round(retry_after), 120))
+        super().__init__(message, headers={"retry-after": str(seconds)})
+
+
+class DeadlineExceeded(FluxportError):
+    """The request's overall deadline passed; every attempt in flight was cancelled."""
+
+    status = 504
+    type = "server_error"
+    code = "deadline_exceeded"
+
+    def __init__(self, message: str) -> None:
+        # A retry would start (and maybe bill) the whole generation again: let the client decide.
+        super().__init__(message, headers={"x-should-retry": "false"})

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,17 +14,24 @@ from fluxport import media
 from fluxport.api.protocol import ImageRequest
 from fluxport.catalog import MODELS, NOISE_NOTE, ModelSpec, find_model
 from fluxport.domain.errors import (
+    CoolingDown,
+    DeadlineExceeded,
     FluxportError,
     Interrupted,
     InvalidRequest,
     NotFound,
     ProviderFailure,
+    RateLimited,
     ServiceUnavailable,
 )
 from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
+from fluxport.domain.pricing import Usage, price, rate_for
 from fluxport.domain.sizing import SizeDecision, decide_size
+from fluxport.gateway.router import BreakerState, Router, Strategy
+from fluxport.metrics import Metrics
 from fluxport.providers.base import (
     Behaviour,
+    BilledCancellation,
     Capabilities,
     GeneratedImage,
     ProgressCallback,
@@ -52,6 +59,7 @@ class PreparedRequest:
     size: SizeDecision
     request: ImageRequest
     record: dict[str, Any]
+    explicit: list[str] | None = None  # the client's own provider order, if it gave one
 
 
 @dataclass
@@ -74,7 +82,16 @@ class Completed:
     revised_prompt: str | None
     normalization: dict[str, str]
     attempts: list[str] = field(default_factory=list)
+    usage: Usage | None = None
     created: int = 0
+
+
+@dataclass(frozen=True)
+class DryRun:
+    provider: str  # the provider that would serve the request now
+    providers: list[tuple[str, float]]  # the ranked plan with each provider's estimated cost
+    usage: Usage  # the estimate on the chosen provider
+    size: Size
 
 
 def new_request_id() -> str:
@@ -85,9 +102,15 @@ class ImageService:
     """The gateway: one instance per process, built at start-up with everything it needs."""
 
     def __init__(
-        self, settings: Settings, db: Database, blobs: BlobStore, providers: Mapping[str, Provider]
+        self,
+        settings: Settings,
+        db: Database,
+        blobs: BlobStore,
+        providers: Mapping[str, Provider],
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.db = db
         self.blobs = blobs
         self.providers = dict(providers)
@@ -95,6 +118,7 @@ class ImageService:
         # cannot cancel a generation half-way: it completes, is stored and is recorded.
         self._tasks: set[asyncio.Task[Any]] = set()
         self._decode_slots = asyncio.Semaphore(2)
+        self.router = Router(settings)
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -181,6 +205,9 @@ class ImageService:
             references=tuple(references),
             extras=req.extras,
         )
+        explicit = self._explicit(spec, req.provider, candidates)
+        if explicit is not None:
+            candidates = [prov for name in explicit for prov in candidates if prov.name == name]
         providers = self._able(spec, job, candidates)
         record = {
             "size": str(decision.size),
@@ -196,9 +223,37 @@ class ImageService:
             "response_format": job.response_format,
             "references": [{"format": r.format, "width": r.width, "height": r.height} for r in references],
             "extras": dict(job.extras),
+            "provider": explicit,
+            "strategy": req.strategy,
+            "hedge": req.hedge,
             "ignored": req.ignored,
         }
-        return PreparedRequest(job, spec, providers, decision, req, record)
+        return PreparedRequest(job, spec, providers, decision, req, record, explicit)
+
+    def _explicit(
+        self, spec: ModelSpec, given: str | list[str] | None, configured: list[Provider]
+    ) -> list[str] | None:
+        """Validate a client's explicit provider order: known to the model, configured, no repeats."""
+        if given is None:
+            return None
+        names = [given] if isinstance(given, str) else list(given)
+        names = [n.strip().lower() for n in names]
+        if not names or len(set(names)) != len(names):
+            raise InvalidRequest("'provider' must name one or more different providers.", param="provider")
+        ready = {prov.name for prov in configured}
+        for name in names:
+            if name not in spec.providers:
+                raise InvalidRequest(
+                    f"{spec.id} has no provider '{name}'; its providers are {', '.join(spec.providers)}.",
+                    param="provider",
+                )
+            if name not in ready:
+                raise InvalidRequest(
+                    f"The provider '{name}' is not configured for {spec.id}.",
+                    param="provider",
+                    code="provider_not_configured",
+                )
+        return names
 
     async def _load_references(self, uploads: Sequence[bytes]) -> list[ReferenceImage]:
         s = self.settings
@@ -280,8 +335,49 @@ class ImageService:
             images=0,
             revised_prompt=None,
         )
+        # Label with the canonical id (or "unknown"), so a client cannot mint metric series.
+        spec = find_model(model or self.settings.default_model)
+        self.metrics.observe_request(spec.id if spec else "unknown", operation.value, "rejected", 0.0, None)
 
     # -- running ----------------------------------------------------------------------------------
+
+    async def dry_run(self, p: PreparedRequest) -> DryRun:
+        """The provider the router would pick now and the cost estimate, without generating."""
+        ranked = self.ranked(p)
+        chosen = next((prov for prov, _ in ranked if self.router.admit(prov.name, p.job.model)), ranked[0][0])
+        self.router.release_probe(chosen.name, p.job.model)  # a dry run is no probe
+        job = p.job
+        await self.db.create_request(
+            id=job.request_id,
+            model=job.model,
+            operation=job.operation.value,
+            prompt=job.prompt,
+            params={**p.record, "dry_run": True},
+            n=job.n,
+        )
+        usage = self.estimate(chosen, job)
+        await self.db.finish_request(
+            job.request_id,
+            status="dry_run",
+            provider=chosen.name,
+            error=None,
+            queued_ms=None,
+            generation_ms=None,
+            ttfb_ms=None,
+            total_ms=None,
+            width=job.size.width,
+            height=job.size.height,
+            images=0,
+            revised_prompt=None,
+            cost_usd=0.0,
+        )
+        self.metrics.observe_request(job.model, job.operation.value, "dry_run", 0.0, 0.0)
+        return DryRun(
+            provider=chosen.name,
+            providers=[(prov.name, cost) for prov, cost in ranked],
+            usage=usage,
+            size=job.size,
+        )
 
     async def submit(
         self, prepared: PreparedRequest, progress: ProgressCallback = no_progress
@@ -295,6 +391,7 @@ class ImageService:
             prompt=job.prompt,
             params=prepared.record,
             n=job.n,
+            status="running",
         )
         task = asyncio.create_task(self._execute(prepared, progress), name=f"fluxport-{job.request_id}")
         self._tasks.add(task)
@@ -324,34 +421,157 @@ class ImageService:
     async def _execute(self, p: PreparedRequest, progress: ProgressCallback) -> Completed:
         job = p.job
         t0 = time.monotonic()
-        await self.db.set_request_status(job.request_id, "running")
-        failures: list[str] = []
+        ledger = Ledger()
         try:
-            for provider in p.providers:
-                try:
-                    result, timing = await self._attempt(provider, p, progress, t0)
-                except ProviderFailure as exc:
-                    failures.append(f"{provider.name}: {exc.message}")
-                    log.warning("request %s: %s failed: %s", job.request_id, provider.name, exc.message)
-                    continue
-                completed = await self._deliver(p, provider, result, t0, timing)
-                completed.attempts = [*failures_names(failures), provider.name]
-                return completed
-            tried = "; ".join(failures)
-            raise ProviderFailure(f"Every provider failed for {job.model}: {tried}.")
+            return await self._route(p, progress, t0, ledger)
         except FluxportError as exc:
-            await self._fail(job, exc, t0)
+            await self._fail(job, exc, t0, ledger)
             raise
         except asyncio.CancelledError:
-            await asyncio.shield(self._fail(job, Interrupted("The server stopped during generation."), t0))
+            await asyncio.shield(
+                self._fail(job, Interrupted("The server stopped during generation."), t0, ledger)
+            )
             raise
         except Exception as exc:
             log.exception("request %s failed unexpectedly", job.request_id)
             err = FluxportError(f"Internal error while generating: {type(exc).__name__}.")
-            await self._fail(job, err, t0)
+            await self._fail(job, err, t0, ledger)
             raise err from exc
 
-    async def _fail(self, job: ImageJob, exc: FluxportError, t0: float) -> None:
+    def ranked(self, p: PreparedRequest) -> list[tuple[Provider, float]]:
+        """The able providers best first, each with this request's estimated cost there."""
+        by_name = {prov.name: prov for prov in p.providers}
+        prices = {name: self.estimate(prov, p.job).cost_usd for name, prov in by_name.items()}
+        strategy = Strategy(p.request.strategy or self.settings.router_strategy)
+        ranked = self.router.rank(p.job.model, prices, strategy, p.explicit)
+        return [(by_name[c.name], c.price_usd) for c in ranked]
+
+    def estimate(self, provider: Provider, job: ImageJob) -> Usage:
+        """The cost of `job` on `provider`: each call of the fan-out bills its own references."""
+        per_call = max(1, provider.capabilities(job.model).max_images_per_call)
+        rate = rate_for(provider.name, job.model, self.settings)
+        refs = [r.size for r in job.references]
+        parts = [price(rate, [job.size] * min(per_call, job.n - i), refs) for i in range(0, job.n, per_call)]
+        return _sum_usage(parts)
+
+    async def _route(
+        self, p: PreparedRequest, progress: ProgressCallback, t0: float, ledger: Ledger
+    ) -> Completed:
+        """Failover down the ranked providers, hedge a slow primary, honour one overall deadline."""
+        job = p.job
+        order = [prov for prov, _ in self.ranked(p)]
+        hedging = p.request.hedge if p.request.hedge is not None else self.settings.hedge
+        deadline = t0 + self.settings.request_deadline_s
+        pending = list(order)
+        running: dict[
+            asyncio.Task[tuple[ProviderResult, dict[str, float | None]]], tuple[Provider, float]
+        ] = {}
+        failures: list[tuple[str, FluxportError]] = []
+        tried: list[str] = []
+        hedged = False
+
+        def launch(provider: Provider) -> None:
+            tried.append(provider.name)
+            task = asyncio.create_task(self._attempt(provider, p, progress, t0, ledger))
+            running[task] = (provider, time.monotonic())
+
+        def admitted_next() -> Provider | None:
+            while pending:
+                provider = pending.pop(0)
+                if self.router.admit(provider.name, job.model):
+                    return provider
+            return None
+
+        first = admitted_next()
+        if first is None:
+            raise self._cooling(order, job.model)
+        launch(first)
+        try:
+            while running:
+                now = time.monotonic()
+                wait = deadline - now
+                if hedging and not hedged and len(running) == 1:
+                    ((provider, started),) = running.values()
+                    delay = self.router.hedge_after(provider.name, job.model)
+                    if delay is not None:
+                        wait = min(wait, started + delay - now)
+                done, _ = await asyncio.wait(
+                    running, timeout=max(0.0, wait), return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    if time.monotonic() >= deadline:
+                        raise DeadlineExceeded(
+                            f"No provider finished within {self.settings.request_deadline_s:g} s "
+                            f"(tried: {', '.join(tried)}); the attempts were cancelled."
+                        )
+                    hedged = True
+                    backup = self._backup(order, running, job.model)
+                    if backup is not None:
+                        log.info("request %s: hedging %s with %s", job.request_id, tried[-1], backup.name)
+                        launch(backup)
+                    continue
+                for task in done:
+                    provider, started = running.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        self.router.record(
+                            provider.name, job.model, ok=True, seconds=time.monotonic() - started
+                        )
+                        result, timing = task.result()
+                        await _cancel_all(running)
+                        return await self._deliver(p, provider, result, t0, timing, ledger, tried)
+                    if isinstance(exc, ProviderFailure | RateLimited):
+                        self.router.record(
+                            provider.name, job.model, ok=False, seconds=time.monotonic() - started
+                        )
+                        failures.append((provider.name, exc))
+                        log.warning("request %s: %s failed: %s", job.request_id, provider.name, exc.message)
+                        if not running and (nxt := admitted_next()) is not None:
+                            launch(nxt)
+                        continue
+                    raise exc
+            raise self._all_failed(job.model, failures)
+        finally:
+            await _cancel_all(running)
+            for provider, _ in running.values():
+                self.router.release_probe(provider.name, job.model)
+
+    def _backup(
+        self, order: list[Provider], running: Mapping[Any, tuple[Provider, float]], model: str
+    ) -> Provider | None:
+        """The hedge: the best provider with a closed breaker — the same one again when it is best,
+        unless it makes images one job at a time (a local GPU would only queue the backup)."""
+        busy = {prov.name for prov, _ in running.values()}
+        for provider in order:
+            if self.router.breaker(provider.name, model) is not BreakerState.CLOSED:
+                continue
+            if provider.name in busy and not provider.capabilities(model).concurrent:
+                continue
+            return provider
+        return None
+
+    def _cooling(self, order: list[Provider], model: str) -> CoolingDown:
+        waits = []
+        for provider in order:
+            h = self.router.health(provider.name, model)
+            waits.append(max(0.0, h.opened_at + h.cooldown_s - time.monotonic()))
+        names = ", ".join(prov.name for prov in order)
+        return CoolingDown(
+            f"Every provider of {model} ({names}) failed repeatedly and is cooling down; retry shortly.",
+            retry_after=min(waits, default=1.0),
+        )
+
+    def _all_failed(self, model: str, failures: list[tuple[str, FluxportError]]) -> FluxportError:
+        tried = "; ".join(f"{name}: {exc.message}" for name, exc in failures)
+        limited = [exc for _, exc in failures if isinstance(exc, RateLimited)]
+        if limited and len(limited) == len(failures):
+            return RateLimited(
+                f"Every provider of {model} is rate limiting: {tried}",
+                retry_after=min(exc.retry_after for exc in limited),
+            )
+        return ProviderFailure(f"Every provider failed for {model}. Tried: {tried}")
+
+    async def _fail(self, job: ImageJob, exc: FluxportError, t0: float, ledger: Ledger) -> None:
         status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         await self.db.finish_request(
             job.request_id,
@@ -366,10 +586,14 @@ class ImageService:
             height=None,
             images=0,
             revised_prompt=None,
+            cost_usd=ledger.total,
+        )
+        self.metrics.observe_request(
+            job.model, job.operation.value, status, time.monotonic() - t0, ledger.total
         )
 
     async def _attempt(
-        self, provider: Provider, p: PreparedRequest, progress: ProgressCallback, t0: float
+        self, provider: Provider, p: PreparedRequest, progress: ProgressCallback, t0: float, ledger: Ledger
     ) -> tuple[ProviderResult, dict[str, float | None]]:
         """One provider: n split into calls the provider can make, run side by side, each recorded."""
         job = p.job
@@ -380,13 +604,11 @@ class ImageService:
             for start in range(0, job.n, per_call)
         ]
         started = time.monotonic() - t0
-        tasks = [asyncio.create_task(self._call(provider, s, progress)) for s in slices]
+        tasks = [asyncio.create_task(self._call(provider, s, progress, ledger)) for s in slices]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel_all(tasks)
             raise
         images = [img for r in results for img in r.images]
         normalization: dict[str, Behaviour] = {}
@@ -401,6 +623,7 @@ class ImageService:
             normalization=normalization,
             provider_request_id=",".join(r.provider_request_id for r in results if r.provider_request_id)
             or None,
+            billed_usd=sum(r.billed_usd or 0.0 for r in results),
         )
         first_bytes = [r.timings.first_byte_s for r in results if r.timings.first_byte_s is not None]
         generations = [r.timings.generation_s for r in results if r.timings.generation_s is not None]
@@ -411,7 +634,10 @@ class ImageService:
         }
         return merged, timing
 
-    async def _call(self, provider: Provider, job: ImageJob, progress: ProgressCallback) -> ProviderResult:
+    async def _call(
+        self, provider: Provider, job: ImageJob, progress: ProgressCallback, ledger: Ledger
+    ) -> ProviderResult:
+        """One provider call, recorded as one attempt with its timings and what it billed."""
         attempt = await self.db.start_attempt(
             request_id=job.request_id, provider=provider.name, model=job.model
         )
@@ -423,8 +649,13 @@ class ImageService:
                     f"{provider.name} returned {len(result.images)} images instead of {job.n}."
                 )
         except BaseException as exc:
+            # A call cancelled before it completed (a hedge loser, a deadline) or failed with a 5xx
+            # is not billed by the providers; one whose work had completed is, whatever happens next.
             status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
             error = exc.record() if isinstance(exc, FluxportError) else {"message": repr(exc)}
+            charged = isinstance(exc, BilledCancellation) or getattr(exc, "provider_billed", False)
+            billed = self.estimate(provider, job).cost_usd if charged else 0.0
+            ledger.total = round(ledger.total + billed, 6)
             await asyncio.shield(
                 self.db.finish_attempt(
                     attempt,
@@ -436,24 +667,36 @@ class ImageService:
                     total_ms=(time.monotonic() - t) * 1000,
                     provider_request_id=None,
                     normalization=None,
-                    billed_usd=None,
+                    billed_usd=billed,
                 )
             )
+            self.metrics.observe_attempt(job.model, provider.name, status, time.monotonic() - t, billed)
             raise
+        if result.billed_usd is None:
+            rate = rate_for(provider.name, job.model, self.settings)
+            result.billed_usd = price(
+                rate, [img.size for img in result.images], [r.size for r in job.references]
+            ).cost_usd
+        ledger.total = round(ledger.total + result.billed_usd, 6)
         tm = result.timings
-        await self.db.finish_attempt(
-            attempt,
-            status="succeeded",
-            error=None,
-            queued_ms=tm.queued_s * 1000,
-            ttfb_ms=tm.first_byte_s * 1000 if tm.first_byte_s is not None else None,
-            generation_ms=tm.generation_s * 1000 if tm.generation_s is not None else None,
-            total_ms=(time.monotonic() - t) * 1000,
-            provider_request_id=result.provider_request_id,
-            normalization={k: v.value for k, v in result.normalization.items()},
-            billed_usd=result.billed_usd,
-            submitted_ms=_ms(tm.submitted_s),
-            first_status_ms=_ms(tm.first_status_s),
+        await asyncio.shield(
+            self.db.finish_attempt(
+                attempt,
+                status="succeeded",
+                error=None,
+                queued_ms=tm.queued_s * 1000,
+                ttfb_ms=_ms(tm.first_byte_s),
+                generation_ms=_ms(tm.generation_s),
+                total_ms=(time.monotonic() - t) * 1000,
+                provider_request_id=result.provider_request_id,
+                normalization={k: v.value for k, v in result.normalization.items()},
+                billed_usd=result.billed_usd,
+                submitted_ms=_ms(tm.submitted_s),
+                first_status_ms=_ms(tm.first_status_s),
+            )
+        )
+        self.metrics.observe_attempt(
+            job.model, provider.name, "succeeded", time.monotonic() - t, result.billed_usd
         )
         return result
 
@@ -464,6 +707,8 @@ class ImageService:
         result: ProviderResult,
         t0: float,
         timing: dict[str, float | None],
+        ledger: Ledger,
+        tried: list[str],
     ) -> Completed:
         """Convert to the exact size and format, save every image, then record success."""
         job = p.job
@@ -500,6 +745,13 @@ class ImageService:
             )
             stored.append(StoredImage(image_id, f"/images/{image_id}.{ext}", enc, _seed_of(img, job, index)))
         await self.db.add_images(rows)
+        delivered = self.estimate(provider, job)
+        usage = Usage(
+            images=len(stored),
+            input_megapixels=delivered.input_megapixels,
+            output_megapixels=delivered.output_megapixels,
+            cost_usd=ledger.total,
+        )
         await self.db.finish_request(
             job.request_id,
             status="succeeded",
@@ -513,6 +765,10 @@ class ImageService:
             height=job.size.height,
             images=len(stored),
             revised_prompt=result.revised_prompt,
+            cost_usd=ledger.total,
+        )
+        self.metrics.observe_request(
+            job.model, job.operation.value, "succeeded", time.monotonic() - t0, ledger.total
         )
         return Completed(
             request_id=job.request_id,
@@ -524,6 +780,8 @@ class ImageService:
             response_format=job.response_format,
             revised_prompt=result.revised_prompt,
             normalization=self._report(p, caps, result, provider),
+            attempts=tried,
+            usage=usage,
             created=int(time.time()),
         )
 
@@ -561,8 +819,29 @@ def _ms(seconds: float | None) -> float | None:
     return seconds * 1000 if seconds is not None else None
 
 
-def failures_names(failures: list[str]) -> list[str]:
-    return [f.split(":", 1)[0] for f in failures]
+@dataclass
+class Ledger:
+    """What the providers billed for one request so far, across every attempt."""
+
+    total: float = 0.0
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel tasks and wait until they have finished cancelling (their providers cancel upstream)."""
+    pending = [t for t in tasks if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _sum_usage(parts: Sequence[Usage]) -> Usage:
+    return Usage(
+        images=sum(u.images for u in parts),
+        input_megapixels=sum(u.input_megapixels for u in parts),
+        output_megapixels=sum(u.output_megapixels for u in parts),
+        cost_usd=round(sum(u.cost_usd for u in parts), 6),
+    )
 
 
 def _seed_of(img: GeneratedImage, job: ImageJob, index: int) -> int | None:

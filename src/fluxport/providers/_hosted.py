@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from fluxport.domain.errors import ProviderFailure, RateLimited
+from fluxport.domain.errors import FluxportError, ProviderFailure, RateLimited
 from fluxport.domain.job import ReferenceImage, Size
-from fluxport.providers.base import GeneratedImage, ProgressCallback, ProgressEvent, Stage
+from fluxport.providers.base import BilledCancellation, GeneratedImage, ProgressCallback, ProgressEvent, Stage
 
 # Provider-specific request fields each adapter knows; one provider's are never sent to the other.
 FAL_EXTRAS = frozenset({"acceleration", "enable_safety_checker", "num_inference_steps", "sync_mode"})
@@ -132,7 +132,7 @@ class Http:
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(policy.timeout_s), follow_redirects=True
         )
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[bool]] = set()
 
     async def request(
         self,
@@ -244,14 +244,26 @@ class Http:
                 chunks.append(chunk)
             return b"".join(chunks), first_byte
 
-    async def cancel_shielded(self, call: Awaitable[None]) -> None:
+    async def cancel_shielded(self, call: Awaitable[bool]) -> bool:
         """Run a cancel call that must outlive a cancelled caller: awaited, but shielded, and
-        referenced until done so that a second cancellation cannot lose it."""
-        task: asyncio.Task[None] = asyncio.ensure_future(call)
+        referenced until done so that a second cancellation cannot lose it. Returns True when
+        the provider answered that the request had already completed (so it bills for it)."""
+        task: asyncio.Task[bool] = asyncio.ensure_future(call)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
+            return await asyncio.shield(task)
+        return False
+
+    @staticmethod
+    def reraise_abandoned(exc: BaseException, completed: bool) -> None:
+        """Re-raise `exc` from an abandoned call, saying whether the provider billed for it."""
+        if not completed:
+            return
+        if isinstance(exc, asyncio.CancelledError) and not isinstance(exc, BilledCancellation):
+            raise BilledCancellation() from exc
+        if isinstance(exc, FluxportError):
+            exc.provider_billed = True
 
     async def aclose(self) -> None:
         if self._background:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -54,6 +55,7 @@ class Capabilities:
     extras: frozenset[str] = frozenset()  # provider-specific request fields it understands
     supports_prompt_enhancement: bool = False
     supports_cfg_scale: bool = True
+    concurrent: bool = True  # independent calls run side by side (hosted); False for one local device
 
 
 @dataclass(frozen=True)
@@ -117,3 +119,8 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class BilledCancellation(asyncio.CancelledError):
+    """Raised instead of a plain CancelledError when the provider had already finished the work
+    before the cancel reached it: the call is abandoned, but the provider bills for it."""

@@ -167,6 +167,7 @@ class FalProvider:
             raise ProviderFailure("fal: the submit answer lacks request_id or the request URLs.")
         status_url, response_url, cancel_url = (str(u) for u in urls)
         completed = False
+        billed = False  # fal produced the output it charges for
         try:
             await self._wait(status_url, t0, timings, report)
             completed = True
@@ -174,11 +175,13 @@ class FalProvider:
             if result.status_code >= 400:
                 raise _client_error(result)
             output = self._http.json(result, "result")
+            billed = True
             return await self._collect(job, output, request_id, norm, t0, timings, report)
-        except BaseException:
+        except BaseException as exc:
             if not completed:
                 # Deadline, failover, client gone or a poll failure: stop paying for the request.
-                await self._http.cancel_shielded(self._cancel(cancel_url, request_id))
+                billed = await self._http.cancel_shielded(self._cancel(cancel_url, request_id))
+            self._http.reraise_abandoned(exc, billed)
             raise
 
     async def _wait(self, status_url: str, t0: float, timings: AttemptTimings, report: Progress) -> None:
@@ -263,7 +266,8 @@ class FalProvider:
             provider_request_id=request_id,
         )
 
-    async def _cancel(self, cancel_url: str, request_id: str) -> None:
+    async def _cancel(self, cancel_url: str, request_id: str) -> bool:
+        """PUT the cancel; True when fal says the request had already completed (it is billed)."""
         try:
             response = await self._http.client.put(
                 cancel_url, headers=self._headers(), timeout=self.policy.cancel_timeout_s
@@ -271,6 +275,11 @@ class FalProvider:
             log.info("fal: cancel %s -> %s %s", request_id, response.status_code, response.text[:100])
         except httpx.HTTPError as exc:
             log.warning("fal: cancelling %s failed: %r", request_id, exc)
+            return False
+        try:
+            return bool(response.json().get("status") == "ALREADY_COMPLETED")
+        except (ValueError, AttributeError):
+            return False
 
 
 def _log_text(logs: object) -> str:

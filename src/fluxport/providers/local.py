@@ -141,6 +141,11 @@ class _DeviceWorker:
         self._queue.put(task)
         return task, ahead
 
+    def depth(self) -> int:
+        """Jobs waiting or running on this device."""
+        with self._lock:
+            return len(self._pending)
+
     def _estimate_locked(self) -> float:
         # A slot frees when the running job finishes: about one recent job duration.
         if self._durations:
@@ -258,6 +263,7 @@ class LocalProvider:
             extras=frozenset(extras),
             supports_prompt_enhancement=True,
             supports_cfg_scale=True,
+            concurrent=False,  # one job at a time per device: a hedge on it would only queue
         )
 
     # -- loading -------------------------------------------------------------------------------
@@ -294,6 +300,12 @@ class LocalProvider:
                 wanted = "cuda" if torch.cuda.is_available() else "cpu"
             self._device = wanted
         return self._device
+
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs waiting or running per device that has had work (read-only; safe from any thread)."""
+        with self._workers_lock:
+            workers = list(self._workers.values())
+        return {worker.device: worker.depth() for worker in workers}
 
     def _worker(self, device: str) -> _DeviceWorker:
         with self._workers_lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fluxport.providers._hosted import HttpPolicy
 from fluxport.providers.base import Provider
 from fluxport.providers.fal import FalProvider
 from fluxport.providers.local import LocalProvider
@@ -11,5 +12,13 @@ from fluxport.settings import Settings
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
     """Every provider, configured or not: each says for itself whether it can serve a model."""
-    providers: list[Provider] = [LocalProvider(settings), FalProvider(settings), ReplicateProvider(settings)]
+    policy = HttpPolicy(
+        poll_interval_s=settings.hosted_poll_interval_s,
+        max_poll_interval_s=max(settings.hosted_max_poll_interval_s, settings.hosted_poll_interval_s),
+    )
+    providers: list[Provider] = [
+        LocalProvider(settings),
+        FalProvider(settings, policy=policy),
+        ReplicateProvider(settings, policy=policy),
+    ]
     return {p.name: p for p in providers}

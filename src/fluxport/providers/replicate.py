@@ -185,14 +185,17 @@ class ReplicateProvider:
         cancel_url = (
             cancel_url if isinstance(cancel_url, str) else f"{self._base}/v1/predictions/{pid}/cancel"
         )
-        finished = False
+        finished = False  # a terminal status: nothing left to cancel
+        billed = False  # succeeded: Replicate charges for it
         try:
             prediction = await self._wait(prediction, str(urls["get"]), t0, timings, report)
             finished = True
+            billed = prediction.get("status") == "succeeded"
             return await self._collect(prediction, pid, norm, t0, timings, report)
-        except BaseException:
+        except BaseException as exc:
             if not finished:
-                await self._http.cancel_shielded(self._cancel(cancel_url, pid))
+                billed = await self._http.cancel_shielded(self._cancel(cancel_url, pid))
+            self._http.reraise_abandoned(exc, billed)
             raise
 
     async def _wait(
@@ -264,7 +267,8 @@ class ReplicateProvider:
         report("done")
         return ProviderResult(images=[image], timings=timings, normalization=norm, provider_request_id=pid)
 
-    async def _cancel(self, cancel_url: str, pid: str) -> None:
+    async def _cancel(self, cancel_url: str, pid: str) -> bool:
+        """POST the cancel; True when the prediction had already succeeded (it is billed)."""
         try:
             response = await self._http.client.post(
                 cancel_url, headers=self._headers(), timeout=self.policy.cancel_timeout_s
@@ -272,6 +276,11 @@ class ReplicateProvider:
             log.info("replicate: cancel %s -> %s", pid, response.status_code)
         except httpx.HTTPError as exc:
             log.warning("replicate: cancelling %s failed: %r", pid, exc)
+            return False
+        try:
+            return bool(response.json().get("status") == "succeeded")
+        except (ValueError, AttributeError):
+            return False
 
 
 def _size_input(size: Size) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""Ranks a request's providers from live measurements, cools down failing ones, times hedges.
+
+The router keeps a short in-memory window of recent attempts per (provider, model) — seeded from
+the database at start-up — because ranking must be cheap on every request; the 30-day rankings
+shown to people come from the database (gateway/stats.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from fluxport.settings import Settings
+
+# What we assume about a provider we have not measured yet: a FLUX.2 [dev] image takes about
+# 10 s hosted (anchors.md §7) and a provider succeeds most of the time.
+PRIOR_SECONDS = 10.0
+PRIOR_SUCCESS = 0.9
+PRIOR_WEIGHT = 5  # pseudo-observations behind the prior success rate
+WINDOW = 200  # recent attempts kept per (provider, model)
+
+
+class Strategy(StrEnum):
+    BALANCED = "balanced"
+    FASTEST = "fastest"
+    CHEAPEST = "cheapest"
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass
+class Health:
+    """Recent outcomes of one provider for one model, and its circuit breaker."""
+
+    samples: deque[tuple[bool, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    consecutive_failures: int = 0
+    state: BreakerState = BreakerState.CLOSED
+    opened_at: float = 0.0
+    cooldown_s: float = 0.0
+    probing: bool = False
+
+    def latencies(self) -> list[float]:
+        return sorted(seconds for ok, seconds in self.samples if ok)
+
+    def success_rate(self) -> float:
+        ok = sum(1 for good, _ in self.samples if good)
+        return (ok + PRIOR_SUCCESS * PRIOR_WEIGHT) / (len(self.samples) + PRIOR_WEIGHT)
+
+    def quantile(self, q: float) -> float | None:
+        values = self.latencies()
+        if not values:
+            return None
+        # Nearest-rank: the smallest observation with at least q of the sample at or below it.
+        return values[max(0, math.ceil(q * len(values)) - 1)]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One provider as the router sees it for this request."""
+
+    name: str
+    price_usd: float  # this request's estimated cost on this provider
+    expected_s: float  # p50 / success rate: expected time to a success
+    success_rate: float
+    p50_s: float
+    breaker: BreakerState
+
+
+class Router:
+    """Orders providers, tracks their health, and says when to hedge. One per process."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._health: dict[tuple[str, str], Health] = {}
+
+    def health(self, provider: str, model: str) -> Health:
+        return self._health.setdefault((provider, model), Health())
+
+    # -- measurements -----------------------------------------------------------------------------
+
+    def record(self, provider: str, model: str, *, ok: bool, seconds: float) -> None:
+        """An attempt finished (cancelled hedge losers are not recorded: they say nothing)."""
+        h = self.health(provider, model)
+        h.samples.append((ok, seconds))
+        if ok:
+            h.consecutive_failures = 0
+            h.state, h.probing, h.cooldown_s = BreakerState.CLOSED, False, 0.0
+            return
+        h.consecutive_failures += 1
+        if h.state is BreakerState.HALF_OPEN:
+            # The probe failed: stay out twice as long (capped at ten minutes).
+            self._open(h, min(max(h.cooldown_s, self.settings.breaker_cooldown_s) * 2, 600.0))
+        elif h.consecutive_failures >= self.settings.breaker_failures:
+            self._open(h, self.settings.breaker_cooldown_s)
+
+    def seed(self, provider: str, model: str, outcomes: Sequence[tuple[bool, float]]) -> None:
+        """Warm the window from recorded attempts (oldest first) without touching the breaker."""
+        h = self.health(provider, model)
+        h.samples.extend(outcomes)
+
+    def _open(self, h: Health, cooldown_s: float) -> None:
+        h.state, h.opened_at, h.cooldown_s, h.probing = BreakerState.OPEN, self.clock(), cooldown_s, False
+
+    def breaker(self, provider: str, model: str) -> BreakerState:
+        h = self.health(provider, model)
+        if h.state is BreakerState.OPEN and self.clock() - h.opened_at >= h.cooldown_s:
+            h.state = BreakerState.HALF_OPEN
+        return h.state
+
+    def admit(self, provider: str, model: str) -> bool:
+        """May an attempt go to this provider now? A half-open breaker lets one probe through."""
+        state = self.breaker(provider, model)
+        if state is BreakerState.CLOSED:
+            return True
+        h = self.health(provider, model)
+        if state is BreakerState.HALF_OPEN and not h.probing:
+            h.probing = True
+            return True
+        return False
+
+    def release_probe(self, provider: str, model: str) -> None:
+        """A probe ended without an outcome (cancelled): let the next request probe instead."""
+        self.health(provider, model).probing = False
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    def candidate(self, provider: str, model: str, price_usd: float) -> Candidate:
+        h = self.health(provider, model)
+        p50 = h.quantile(0.5) or PRIOR_SECONDS
+        rate = h.success_rate()
+        return Candidate(provider, price_usd, p50 / max(rate, 0.05), rate, p50, self.breaker(provider, model))
+
+    def rank(
+        self,
+        model: str,
+        prices: dict[str, float],
+        strategy: Strategy,
+        explicit: Sequence[str] | None = None,
+    ) -> list[Candidate]:
+        """Providers best first. `prices` holds every able provider's estimated cost for the request.
+
+        An explicit order is kept as given; otherwise providers with an open breaker go last (a
+        last resort beats a certain error), and the rest are ordered by the strategy:
+        balanced = expected seconds to success + cost weight × expected dollars; fastest = expected
+        seconds; cheapest = price, then expected seconds.
+        """
+        cands = {name: self.candidate(name, model, price) for name, price in prices.items()}
+        if explicit:
+            return [cands[name] for name in explicit if name in cands]
+        weight = self.settings.router_cost_weight
+
+        def key(c: Candidate) -> tuple[float, ...]:
+            cooled = 1.0 if c.breaker is BreakerState.OPEN else 0.0
+            if strategy is Strategy.CHEAPEST:
+                return (cooled, c.price_usd, c.expected_s)
+            if strategy is Strategy.FASTEST:
+                return (cooled, c.expected_s, c.price_usd)
+            return (cooled, c.expected_s + weight * c.price_usd / max(c.success_rate, 0.05))
+
+        return sorted(cands.values(), key=key)
+
+    def hedge_after(self, provider: str, model: str) -> float | None:
+        """Seconds after which to start a backup for an attempt on `provider`; None: don't hedge."""
+        h = self.health(provider, model)
+        if len(h.latencies()) < self.settings.hedge_min_samples:
+            return None
+        return h.quantile(self.settings.hedge_percentile)
