@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,12 +41,42 @@ class Settings(BaseSettings):
     )
     fal_url: str = "https://queue.fal.run"
     replicate_url: str = "https://api.replicate.com"
+    hosted_poll_interval_s: float = Field(
+        default=0.25, gt=0, description="First status poll; then backs off."
+    )
+    hosted_max_poll_interval_s: float = Field(default=2.0, gt=0, description="Longest gap between polls.")
+
+    # Routing: candidates are ordered from live stats; failover, circuit breaker, hedging, deadline.
+    router_strategy: Literal["balanced", "fastest", "cheapest"] = "balanced"
+    router_cost_weight: float = Field(
+        default=200.0, ge=0, description="balanced: seconds of expected latency one dollar is worth."
+    )
+    hedge: bool = Field(default=False, description="Start a backup attempt when the primary is slow.")
+    hedge_percentile: float = Field(
+        default=0.75, gt=0, lt=1, description="Hedge after this latency percentile."
+    )
+    hedge_min_samples: int = Field(default=20, ge=1, description="Samples needed before hedging a provider.")
+    breaker_failures: int = Field(default=5, ge=1, description="Consecutive failures that open the breaker.")
+    breaker_cooldown_s: float = Field(default=30.0, gt=0, description="First cool-down of an open breaker.")
+    request_deadline_s: float = Field(default=300.0, gt=0, description="Overall deadline per request.")
 
     # Input limits
     max_prompt_chars: int = 32000
     max_image_bytes: int = 50 * 1024 * 1024
     max_input_pixels: int = 50_000_000
     max_body_bytes: int = 5 * 50 * 1024 * 1024 + 1024 * 1024
+
+    # Web pages and playground (no API key; limited per client IP instead)
+    playground_rate_per_minute: int = Field(
+        default=10, ge=0, description="Playground submissions per client IP per minute; 0 means no limit."
+    )
+
+    # Pricing: "provider/model" -> US dollars per megapixel, for references and output alike; wins
+    # over catalog.PRICES. FLUXPORT_PRICES='{"local/flux.2-dev": 0.002}'.
+    prices: dict[
+        Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[^/\s]+/[^\s]+$")],
+        Annotated[float, Field(ge=0, allow_inf_nan=False)],
+    ] = Field(default_factory=dict, description="Per-megapixel prices by provider/model.")
 
     @property
     def resolved_database_url(self) -> str:

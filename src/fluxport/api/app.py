@@ -11,13 +11,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxport import __version__
-from fluxport.api import images, models
+from fluxport.api import images, metrics, models, web
 from fluxport.domain.errors import FluxportError, InvalidRequest, PayloadTooLarge
 from fluxport.gateway.service import ImageService
+from fluxport.metrics import Metrics
+from fluxport.providers.local import LocalProvider
 from fluxport.providers.registry import build_providers
 from fluxport.settings import Settings
 from fluxport.storage.blobs import BlobStore
@@ -113,7 +116,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("marked %d requests left in flight by an earlier run as interrupted", interrupted)
         blobs = BlobStore(settings.images_dir)
         providers = build_providers(settings)
-        service = ImageService(settings, db, blobs, providers)
+        service = ImageService(settings, db, blobs, providers, metrics=app.state.metrics)
+        for (provider_name, model), outcomes in (await db.recent_outcomes()).items():
+            service.router.seed(provider_name, model, outcomes)
+        local = providers.get("local")
+        if isinstance(local, LocalProvider):
+            app.state.metrics.track_queue("local", local.queue_depths)
         app.state.settings = settings
         app.state.service = service
         try:
@@ -134,8 +142,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    app.state.metrics = Metrics()
     app.include_router(images.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
+    # Web pages and the playground (api/web.py), outside /v1 so they need no key.
+    app.include_router(web.router)
+    app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:
