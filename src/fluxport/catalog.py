@@ -86,7 +86,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             id="flux.2-dummy",
             name="FLUX.2 dummy (noise)",
-            summary="The FLUX.2 architecture at tiny size with random weights. " + NOISE_NOTE,
+            summary="The FLUX.2 architecture at tiny size with random weights, built in code: its output "
+            "is noise. It exists to try and test fluxport offline.",
             providers=("local",),
             noise=True,
             owned_by="fluxport",

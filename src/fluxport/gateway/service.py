@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +36,7 @@ from fluxport.providers.base import (
     Capabilities,
     GeneratedImage,
     ProgressCallback,
+    ProgressEvent,
     Provider,
     ProviderResult,
     ProviderState,
@@ -469,10 +471,30 @@ class ImageService:
         failures: list[tuple[str, FluxportError]] = []
         tried: list[str] = []
         hedged = False
+        # Resolved with the first attempt whose provider has produced its output (it reports
+        # "decoding" before downloading): the others are cancelled then, not after the download,
+        # so a racing loser has less time to complete and be billed.
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[asyncio.Task[Any]] = loop.create_future()
 
         def launch(provider: Provider) -> None:
             tried.append(provider.name)
-            task = asyncio.create_task(self._attempt(provider, p, progress, t0, ledger))
+            calls = math.ceil(job.n / max(1, provider.capabilities(job.model).max_images_per_call))
+            decoded = 0
+            task: asyncio.Task[Any] | None = None
+
+            def on_decoded() -> None:
+                nonlocal decoded
+                decoded += 1
+                if decoded >= calls and task is not None and not settled.done():
+                    settled.set_result(task)
+
+            def on_progress(event: ProgressEvent) -> None:
+                progress(event)
+                if event.stage == "decoding":
+                    loop.call_soon_threadsafe(on_decoded)  # local providers report from a thread
+
+            task = asyncio.create_task(self._attempt(provider, p, on_progress, t0, ledger))
             running[task] = (provider, time.monotonic())
 
         def admitted_next() -> Provider | None:
@@ -495,9 +517,23 @@ class ImageService:
                     delay = self.router.hedge_after(provider.name, job.model)
                     if delay is not None:
                         wait = min(wait, started + delay - now)
+                watch: set[asyncio.Future[Any]] = set(running)
+                if not settled.done():
+                    watch.add(settled)
                 done, _ = await asyncio.wait(
-                    running, timeout=max(0.0, wait), return_when=asyncio.FIRST_COMPLETED
+                    watch, timeout=max(0.0, wait), return_when=asyncio.FIRST_COMPLETED
                 )
+                if settled in done:
+                    done.discard(settled)
+                    hedged = True  # one provider has delivered: no backups from here on
+                    leader = settled.result()
+                    losers = [t for t in running if t is not leader]
+                    await _cancel_all(losers)
+                    for loser in losers:
+                        provider, _ = running.pop(loser)
+                        self.router.release_probe(provider.name, job.model)
+                    if not done:
+                        continue
                 if not done:
                     if time.monotonic() >= deadline:
                         raise DeadlineExceeded(
@@ -511,6 +547,8 @@ class ImageService:
                         launch(backup)
                     continue
                 for task in done:
+                    if task not in running:
+                        continue  # a loser cancelled above
                     provider, started = running.pop(task)
                     exc = task.exception()
                     if exc is None:
