@@ -22,7 +22,10 @@ SLOW_POLLS = HttpPolicy(poll_interval_s=1.0, max_poll_interval_s=1.0)
 
 async def test_fal_cancel_after_completion_raises_billed_cancellation() -> None:
     with FalEmulator(EmulatorConfig(run=0.05), key="k") as fal:
-        provider = FalProvider(Settings(fal_key="k", fal_url=fal.base_url), policy=SLOW_POLLS)
+        # Polling only: with the status stream fluxport notices completion at once, leaving no window.
+        provider = FalProvider(
+            Settings(fal_key="k", fal_url=fal.base_url), policy=SLOW_POLLS, status_stream=False
+        )
         task = asyncio.create_task(provider.generate(JOB, no_progress))
         await asyncio.sleep(0.4)  # fal finished at 0.05 s; the adapter waits for its next poll
         task.cancel()
@@ -35,7 +38,10 @@ async def test_fal_cancel_after_completion_raises_billed_cancellation() -> None:
 
 async def test_fal_cancel_before_completion_is_not_billed() -> None:
     with FalEmulator(EmulatorConfig(run=5.0), key="k") as fal:
-        provider = FalProvider(Settings(fal_key="k", fal_url=fal.base_url), policy=SLOW_POLLS)
+        # Polling only: with the status stream fluxport notices completion at once, leaving no window.
+        provider = FalProvider(
+            Settings(fal_key="k", fal_url=fal.base_url), policy=SLOW_POLLS, status_stream=False
+        )
         task = asyncio.create_task(provider.generate(JOB, no_progress))
         await asyncio.sleep(0.3)
         task.cancel()

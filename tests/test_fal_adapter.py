@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -146,9 +148,10 @@ async def test_maps_every_parameter_and_returns_downloaded_images(emu: FalEmulat
     rid = result.provider_request_id
     assert rid and rid in emu.jobs
     # Status and result live under owner/app only; every URL came from the submit answer.
-    polls = emu.requests_to("GET", "/status")
-    assert polls and all(p.path == f"/fal-ai/flux-2/requests/{rid}/status" for p in polls)
-    assert all(p.query.get("logs") == "1" for p in polls)
+    [stream] = emu.requests_to("GET", "/status/stream")
+    assert stream.path == f"/fal-ai/flux-2/requests/{rid}/status/stream"
+    assert stream.query.get("logs") == "1" and stream.headers["authorization"] == "Key k"
+    assert emu.requests_to("GET", "/status") == []  # the stream said COMPLETED: no polling
     assert [r.path for r in emu.requests_to("GET", rid)] == [f"/fal-ai/flux-2/requests/{rid}"]
 
     assert [(i.width, i.height, i.format) for i in result.images] == [(1024, 768, "webp")] * 2
@@ -223,7 +226,8 @@ async def test_edit_sends_four_references_as_data_uris(
         assert base64.b64decode(data) == ref.data
     # Edit and flash requests share the flux-2 request namespace.
     rid = result.provider_request_id
-    assert all(r.path.startswith(f"/fal-ai/flux-2/requests/{rid}") for r in emu.requests_to("GET", "/status"))
+    waits = emu.requests_to("GET", "/status") + emu.requests_to("GET", "/status/stream")
+    assert waits and all(r.path.startswith(f"/fal-ai/flux-2/requests/{rid}/status") for r in waits)
     assert result.normalization["image"] == Behaviour.CONVERTED
 
 
@@ -276,7 +280,7 @@ async def test_cancelling_the_call_cancels_the_request_and_it_is_not_billed(
     emu.config.run = 0.4
     task = asyncio.create_task(fal.generate(make_job(), lambda e: None))
     deadline = time.monotonic() + 2
-    while not emu.requests_to("GET", "/status"):
+    while not emu.requests_to("GET", "/status/stream"):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.005)
     task.cancel()
@@ -421,3 +425,226 @@ async def test_the_emulator_speaks_the_queue_protocol(emu: FalEmulator) -> None:
             405,
         )
     assert len(emu.ledger) == 1
+
+
+# -- the status stream -------------------------------------------------------------------------
+
+
+_RANK = {"queued": 0, "step": 1, "decoding": 2, "done": 3}
+
+
+def in_order(events: list[ProgressEvent]) -> bool:
+    """Progress never repeats or goes back, however the statuses came (stream, then polls)."""
+    keys = [(_RANK[e.stage], e.step) for e in events]
+    return all(a < b for a, b in itertools.pairwise(keys))
+
+
+async def test_completion_is_noticed_on_the_stream_not_by_polling(emu: FalEmulator) -> None:
+    emu.config.run = 0.3
+    slow_polls = HttpPolicy(timeout_s=1.0, poll_interval_s=2.0, max_poll_interval_s=2.0)
+    provider = FalProvider(Settings(fal_key="k", fal_url=emu.base_url), policy=slow_polls)
+    events: list[ProgressEvent] = []
+    try:
+        t0 = time.monotonic()
+        result = await provider.generate(make_job(), events.append)
+        elapsed = time.monotonic() - t0
+    finally:
+        await provider.aclose()
+    # Polling every 2 s would notice after 2 s at best; the stream says COMPLETED as it happens.
+    assert elapsed < 1.0  # 0.31 s of work (loaded CI machines add a little)
+    [job] = emu.jobs.values()
+    assert len(emu.requests_to("GET", "/status/stream")) == 1
+    assert emu.requests_to("GET", "/status") == []
+    result_get = emu.requests_to("GET", f"/requests/{job.id}")[0]
+    assert result_get.at - job.done_at < 0.25
+    stages = [e.stage for e in events]
+    assert stages[0] in ("queued", "step") and "step" in stages and stages[-2:] == ["decoding", "done"]
+    assert any(e.stage == "step" and e.step > 0 and e.total == 28 for e in events)  # logs streamed
+    assert in_order(events)
+    t = result.timings
+    assert t.submitted_s is not None and t.first_status_s is not None
+    assert 0 < t.submitted_s <= t.first_status_s <= t.queued_s
+    assert t.generation_s == pytest.approx(0.3, abs=0.01)
+    assert emu.open_streams == 0
+
+
+async def test_no_stream_falls_back_to_polling(emu: FalEmulator, fal: FalProvider) -> None:
+    emu.config.status_stream = False  # the endpoint answers 404
+    emu.config.run = 0.1
+    events: list[ProgressEvent] = []
+    result = await fal.generate(make_job(), events.append)
+    assert len(result.images) == 1
+    [stream] = emu.requests_to("GET", "/status/stream")
+    polls = emu.requests_to("GET", "/status")
+    assert polls and polls[0].at >= stream.at
+    assert result.timings.first_status_s is not None
+    assert [e.stage for e in events][-2:] == ["decoding", "done"] and in_order(events)
+
+
+async def test_polling_only_when_streaming_is_turned_off(emu: FalEmulator) -> None:
+    provider = FalProvider(Settings(fal_key="k", fal_url=emu.base_url), policy=POLICY, status_stream=False)
+    try:
+        await provider.generate(make_job(), lambda e: None)
+    finally:
+        await provider.aclose()
+    assert emu.requests_to("GET", "/status/stream") == [] and emu.requests_to("GET", "/status")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        FaultKind.RESET,  # the connection drops after the first event
+        FaultKind.MALFORMED,  # an event that is not JSON
+        FaultKind.UNAVAILABLE,  # 503 when opening it
+        FaultKind.HANG,  # no answer: the read timeout fires
+    ],
+)
+async def test_a_broken_stream_falls_back_to_polling(
+    emu: FalEmulator, fal: FalProvider, kind: FaultKind
+) -> None:
+    emu.config.run = 0.2
+    emu.script(Fault(kind, at="stream"))
+    events: list[ProgressEvent] = []
+    result = await fal.generate(make_job(), events.append)
+    assert close(pixel(result.images[0].content), seed_colour(1234))
+    assert len(emu.requests_to("GET", "/status/stream")) == 1
+    assert emu.requests_to("GET", "/status")  # polling took over and saw it complete
+    assert emu.requests_to("PUT") == []
+    stages = [e.stage for e in events]
+    assert stages.count("queued") <= 1 and stages[-2:] == ["decoding", "done"]
+    assert in_order(events)
+    assert len(emu.ledger) == 1
+
+
+async def test_cancelling_during_the_stream_cancels_promptly_and_is_not_billed(
+    emu: FalEmulator, fal: FalProvider
+) -> None:
+    emu.config.run = 1.0
+    streaming = asyncio.Event()
+    task = asyncio.create_task(
+        fal.generate(make_job(), lambda e: streaming.set() if e.stage == "step" else None)
+    )
+    await asyncio.wait_for(streaming.wait(), 2)  # IN_PROGRESS came on the stream
+    t_cancel = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [job] = emu.jobs.values()
+    [cancel] = emu.requests_to("PUT")
+    assert cancel.path == f"/fal-ai/flux-2/requests/{job.id}/cancel"
+    assert cancel.at - t_cancel < 0.2
+    assert job.cancelled and emu.requests_to("GET", "/status") == []
+    deadline = time.monotonic() + 1
+    while emu.open_streams:  # the server saw the stream closed
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(max(0.0, job.done_at - time.monotonic()) + 0.05)
+    assert emu.ledger == []
+
+
+async def test_the_overall_deadline_holds_while_streaming(emu: FalEmulator) -> None:
+    emu.config.run = 2.0
+    policy = HttpPolicy(timeout_s=5.0, max_wait_s=0.3, cancel_timeout_s=1.0)
+    provider = FalProvider(Settings(fal_key="k", fal_url=emu.base_url), policy=policy)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ProviderFailure, match=r"no result within 0.3 s"):
+            await provider.generate(make_job(), lambda e: None)
+    finally:
+        await provider.aclose()
+    assert time.monotonic() - t0 < 1.0
+    assert len(emu.requests_to("PUT", "/cancel")) == 1
+    assert all(job.cancelled for job in emu.jobs.values())
+
+
+async def test_sse_parsing() -> None:
+    from fluxport.providers.fal import _sse_data
+
+    async def lines() -> AsyncIterator[str]:
+        for line in [
+            ": keepalive",
+            "",
+            "event: status",
+            "id: 7",
+            'data: {"status":',
+            'data:"IN_QUEUE"}',
+            "",
+            "retry: 100",
+            "data",
+            "",
+            'data: {"status": "COMPLETED"}',  # unterminated: dropped
+        ]:
+            yield line
+
+    assert [d async for d in _sse_data(lines())] == ['{"status":\n"IN_QUEUE"}', ""]
+
+
+async def test_the_emulator_streams_status(emu: FalEmulator) -> None:
+    """The status stream, raw: the same bodies as the status endpoint, one per change, then closed."""
+    emu.config.queue, emu.config.run, emu.config.stream_keepalive_s = 0.1, 0.2, 0.04
+    auth = {"Authorization": "Key k"}
+
+    async def read(url: str, **params: str) -> tuple[httpx.Response, list[str]]:
+        async with http.stream("GET", url, params=params, headers=auth) as response:
+            return response, [line async for line in response.aiter_lines()]
+
+    def data(lines: list[str]) -> list[dict[str, Any]]:
+        return [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+
+    async with httpx.AsyncClient(base_url=emu.base_url) as http:
+        sub = (await http.post("/fal-ai/flux-2/flash", json={"prompt": "x"}, headers=auth)).json()
+        stream_url = sub["status_url"] + "/stream"
+        assert (await http.get(stream_url)).status_code == 401
+        response, lines = await read(stream_url, logs="0")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = data(lines)
+        assert [e["status"] for e in events] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+        assert events[0]["queue_position"] == 0 and "logs" not in events[0]
+        assert events[1]["logs"] is None and events[2]["metrics"]["inference_time"] > 0
+        assert 2 <= lines.count(": keepalive") <= 10  # quiet phases: comments, not a busy loop
+        # Completed: the same body as the status endpoint, at once.
+        status = (await http.get(sub["status_url"], params={"logs": "1"}, headers=auth)).json()
+        _, lines = await read(stream_url, logs="1")
+        [done] = data(lines)
+        assert done.keys() == status.keys() and done["status"] == "COMPLETED" and done["logs"]
+
+        # A cancelled request completes at once, with the status endpoint's error fields.
+        emu.config.queue = 5.0
+        sub = (await http.post("/fal-ai/flux-2", json={"prompt": "x"}, headers=auth)).json()
+        stream_url = sub["status_url"] + "/stream"
+
+        async def cancel_soon() -> None:
+            await asyncio.sleep(0.1)
+            await http.put(sub["cancel_url"], headers=auth)
+
+        t0 = time.monotonic()
+        _, (_, lines) = await asyncio.gather(cancel_soon(), read(stream_url, logs="1"))
+        assert time.monotonic() - t0 < 0.5
+        events = data(lines)
+        status = (await http.get(sub["status_url"], headers=auth)).json()
+        assert [e["status"] for e in events] == ["IN_QUEUE", "COMPLETED"]
+        assert events[-1]["error_type"] == status["error_type"] == "client_cancelled"
+        assert events[-1]["error"] == status["error"]
+
+        # Faults at "status" strike when the stream is opened; turned off, it is not found.
+        emu.script(Fault(FaultKind.UNAVAILABLE, at="status"))
+        sub = (await http.post("/fal-ai/flux-2", json={"prompt": "x"}, headers=auth)).json()
+        assert (await http.get(sub["status_url"] + "/stream", headers=auth)).status_code == 503
+        emu.config.status_stream = False
+        assert (await http.get(stream_url, headers=auth)).status_code == 404
+    assert emu.open_streams == 0
+
+
+async def test_waits_beyond_max_streams_poll(emu: FalEmulator) -> None:
+    emu.config.run = 0.2
+    provider = FalProvider(Settings(fal_key="k", fal_url=emu.base_url), policy=POLICY, max_streams=2)
+    try:
+        results = await asyncio.gather(*(provider.generate(make_job(), lambda e: None) for _ in range(4)))
+    finally:
+        await provider.aclose()
+    assert len(results) == 4
+    assert len(emu.requests_to("GET", "/status/stream")) == 2
+    polled = {r.path.split("/")[-2] for r in emu.requests_to("GET", "/status")}
+    assert len(polled) == 2
+    assert provider._streams == 0

@@ -19,12 +19,16 @@ Configuration (`EmulatorConfig`, mutable at any time through `emulator.config`):
     hang_s           how long a HANG fault holds the connection
     seed             RNG seed (latencies, failure draws, random seeds)
     price_per_mp     USD per megapixel by endpoint / model, for the ledger
+    status_stream    fal: serve GET .../status/stream (SSE) (default True; False answers 404)
+    stream_keepalive_s  fal: seconds between keepalive comments on a quiet stream
 
 Faults (`Fault(kind, at=stage, retry_after=, field=, message=)`): `emulator.script(*faults)` queues
 them for the next submissions, one each. Kinds: server_error (500), unavailable (503), rate_limited
 (429 + Retry-After), hang, reset, malformed, validation (422), missing_images, safety, failed,
-aborted (Replicate). HTTP-level kinds strike at `at` = "submit" (default), "status" (every poll),
-"result" or "download"; the others shape the outcome.
+aborted (Replicate). HTTP-level kinds strike at `at` = "submit" (default), "status" (every poll,
+and the opening of fal's status stream), "stream" (fal's status stream only: reset after the first
+event, malformed event, or an error status when opening), "result" or "download"; the others shape
+the outcome.
 
 Images are solid colours: `seed_colour(seed + i)` for image i (black for a safety block), so a test
 can read the seed back from the pixels.

@@ -4,6 +4,10 @@ Routes (all under `base_url`, which stands for https://queue.fal.run):
 
 - `POST /{endpoint_id}` submit, e.g. /fal-ai/flux-2/flash/edit; answers IN_QUEUE and the request URLs
 - `GET /{owner}/{app}/requests/{id}/status?logs=1|0|true|false` 202 while pending, 200 once COMPLETED
+- `GET /{owner}/{app}/requests/{id}/status/stream?logs=…` SSE: `data: {status body}` at each change
+  (state transitions; with logs, new progress at most every 0.25 s), `: keepalive` comments while
+  quiet, closed after COMPLETED (a cancelled request completes at once). `config.status_stream=False`
+  answers 404. Faults at "status" strike when it is opened; at "stream" only the stream is hit.
 - `GET /{owner}/{app}/requests/{id}` the output JSON, or the model's error (e.g. 422 with `detail`)
 - `PUT /{owner}/{app}/requests/{id}/cancel` 202 CANCELLATION_REQUESTED / 400 ALREADY_COMPLETED
 - `GET /cdn/{name}` the images (stands for https://v3.fal.media)
@@ -13,20 +17,24 @@ Status, result and cancel use only owner/app, never the endpoint's subpath, as o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from tests.emulators.server import (
     HTTP_KINDS,
     BillingEntry,
     CdnObject,
+    EmulatedReset,
     Emulator,
     EmulatorConfig,
     Fault,
@@ -67,6 +75,7 @@ PRICES = {
 }
 _LOGS_VALUES = {"1", "0", "true", "false"}
 _INFRA_ERROR_TYPES = {500: "runner_server_error", 503: "runner_scheduling_failure"}
+STREAM_LOG_INTERVAL_S = 0.25  # the status stream sends new progress logs at most this often
 
 
 @dataclass
@@ -126,20 +135,29 @@ class FalEmulator(Emulator):
     ) -> None:
         self.key = key
         self.jobs: dict[str, FalJob] = {}
+        # Open status streams by request id, woken when the request is cancelled (one event loop).
+        self._watchers: dict[str, set[asyncio.Event]] = {}
         super().__init__(config, log_level=log_level)
 
     def routes(self) -> list[BaseRoute]:
         return [
             Route("/cdn/{name}", self.cdn, methods=["GET"]),
             Route("/{owner}/{app}/requests/{rid}/status", self.status, methods=["GET"]),
+            Route("/{owner}/{app}/requests/{rid}/status/stream", self.status_stream, methods=["GET"]),
             Route("/{owner}/{app}/requests/{rid}/cancel", self.cancel, methods=["PUT"]),
             Route("/{owner}/{app}/requests/{rid}", self.result, methods=["GET"]),
             Route("/{endpoint:path}", self.submit, methods=["POST"]),
             Route("/{anything:path}", self.not_found, methods=["GET", "PUT", "DELETE"]),
         ]
 
+    @property
+    def open_streams(self) -> int:
+        """Status streams being served right now (a client that went away closes its own)."""
+        return sum(len(w) for w in list(self._watchers.values()))
+
     def _reset_jobs(self) -> None:
         self.jobs.clear()
+        self._watchers.clear()
 
     def error_response(self, status: int, message: str, error_type: str | None) -> Response:
         kind = error_type or _INFRA_ERROR_TYPES.get(status, "internal_error")
@@ -226,6 +244,17 @@ class FalEmulator(Emulator):
 
     async def status(self, request: Request) -> Any:
         await self.record(request)
+        checked = self._status_request(request)
+        if isinstance(checked, Response):
+            return checked
+        job, with_logs = checked
+        if job.fault is not None and job.fault.stage == "status":
+            return await self.fault_response(job.fault)
+        body, status = self._status_body(job, time.monotonic(), with_logs)
+        return JSONResponse(body, status)
+
+    def _status_request(self, request: Request) -> Response | tuple[FalJob, bool]:
+        """The job and whether logs were asked for, or the error answer."""
         if (denied := self._authorised(request)) is not None:
             return denied
         logs_flag = request.query_params.get("logs", "0").lower()
@@ -234,18 +263,17 @@ class FalEmulator(Emulator):
         job = self._find(request)
         if job is None:
             return JSONResponse({"detail": "Request not found"}, 404)
-        if job.fault is not None and job.fault.stage == "status":
-            return await self.fault_response(job.fault)
-        now = time.monotonic()
+        return job, logs_flag in ("1", "true")
+
+    def _status_body(self, job: FalJob, now: float, with_logs: bool) -> tuple[dict[str, Any], int]:
+        """The status body at `now` and its HTTP status (202 pending, 200 completed)."""
         state = job.state(now)
         response_url = f"{self.base_url}/{job.app}/requests/{job.id}"
-        with_logs = logs_flag in ("1", "true")
         if state == "IN_QUEUE":
-            return JSONResponse({"status": state, "queue_position": 0, "response_url": response_url}, 202)
+            return {"status": state, "queue_position": 0, "response_url": response_url}, 202
         if state == "IN_PROGRESS":
-            fraction = (now - job.created - job.queue_s) / job.run_s if job.run_s else 1.0
-            logs = [_log(progress_line(fraction, job.steps))] if with_logs else None
-            return JSONResponse({"status": state, "logs": logs, "response_url": response_url}, 202)
+            logs = [_log(progress_line(_fraction(job, now), job.steps))] if with_logs else None
+            return {"status": state, "logs": logs, "response_url": response_url}, 202
         body: dict[str, Any] = {
             "status": "COMPLETED",
             "logs": [_log(progress_line(1.0, job.steps))] if with_logs else None,
@@ -256,7 +284,78 @@ class FalEmulator(Emulator):
         if error is not None:
             body["error"] = error[1].get("detail") if isinstance(error[1].get("detail"), str) else "error"
             body["error_type"] = error[1].get("error_type", "validation_error")
-        return JSONResponse(body, 200)
+        return body, 200
+
+    async def status_stream(self, request: Request) -> Any:
+        await self.record(request)
+        if not self.config.status_stream:
+            return JSONResponse({"detail": "Not Found"}, 404)
+        checked = self._status_request(request)
+        if isinstance(checked, Response):
+            return checked
+        job, with_logs = checked
+        fault = job.fault
+        if fault is not None and fault.stage in ("status", "stream"):
+            kind = FaultKind(fault.kind)
+            if fault.stage == "stream" and kind is FaultKind.MALFORMED:
+                return StreamingResponse(_malformed_events(), media_type="text/event-stream")
+            if not (fault.stage == "stream" and kind is FaultKind.RESET):
+                return await self.fault_response(fault)
+        return StreamingResponse(
+            self._status_events(job, with_logs),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache"},
+        )
+
+    async def _status_events(self, job: FalJob, with_logs: bool) -> AsyncIterator[str]:
+        """One `data:` event per change, sleeping until the next one (or a cancel) in between."""
+        wake = asyncio.Event()
+        self._watchers.setdefault(job.id, set()).add(wake)
+        breaks = job.fault is not None and job.fault.stage == "stream"  # RESET after the first event
+        keepalive = max(0.01, self.config.stream_keepalive_s)
+        try:
+            sent: tuple[str, int] | None = None
+            last_write = time.monotonic()
+            while not self._stopping:
+                now = time.monotonic()
+                body, _ = self._status_body(job, now, with_logs)
+                state = body["status"]
+                step = _step(job, now) if with_logs and state == "IN_PROGRESS" else 0
+                if (
+                    sent is None
+                    or state != sent[0]
+                    or (step != sent[1] and now - last_write >= STREAM_LOG_INTERVAL_S)
+                ):
+                    yield f"data: {json.dumps(body)}\n\n"
+                    sent, last_write = (state, step), now
+                    if state == "COMPLETED":
+                        return
+                    if breaks:
+                        await asyncio.sleep(0.01)  # let the event reach the client first
+                        raise EmulatedReset
+                elif now - last_write >= keepalive:
+                    yield ": keepalive\n\n"
+                    last_write = now
+                wake_at = min(last_write + keepalive, self._next_change(job, now, with_logs, last_write))
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    # +1 ms: never wake a hair before the transition and spin once more.
+                    await asyncio.wait_for(wake.wait(), max(0.0, wake_at - now) + 0.001)
+        finally:
+            watchers = self._watchers.get(job.id)
+            if watchers is not None:
+                watchers.discard(wake)
+
+    @staticmethod
+    def _next_change(job: FalJob, now: float, with_logs: bool, last_write: float) -> float:
+        """When the status body next changes in a way the stream reports."""
+        started = job.created + job.queue_s
+        if now < started:
+            return started
+        if with_logs and job.run_s > 0 and job.steps > 0:
+            next_step = started + job.run_s * (_step(job, now) + 1) / job.steps
+            return min(job.done_at, max(next_step, last_write + STREAM_LOG_INTERVAL_S))
+        return job.done_at
 
     def _outcome_error(self, job: FalJob) -> tuple[int, dict[str, Any]] | None:
         """The error the result call will return, if any."""
@@ -328,10 +427,14 @@ class FalEmulator(Emulator):
             return JSONResponse({"status": "NOT_FOUND"}, 404)
         now = time.monotonic()
         with self._lock:
-            if job.cancelled_at is None and now < job.done_at:
+            cancelled = job.cancelled_at is None and now < job.done_at
+            if cancelled:
                 job.cancelled_at = now
-                return JSONResponse({"status": "CANCELLATION_REQUESTED"}, 202)
-        return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
+        if not cancelled:
+            return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
+        for wake in self._watchers.get(job.id, ()):
+            wake.set()  # open status streams report the cancelled completion at once
+        return JSONResponse({"status": "CANCELLATION_REQUESTED"}, 202)
 
     # -- billing ---------------------------------------------------------------------------------
 
@@ -350,6 +453,19 @@ class FalEmulator(Emulator):
                 usd=round(megapixels * self.price(job.endpoint), 6),
                 completed_at=job.done_at,
             )
+
+
+def _fraction(job: FalJob, now: float) -> float:
+    return (now - job.created - job.queue_s) / job.run_s if job.run_s else 1.0
+
+
+def _step(job: FalJob, now: float) -> int:
+    """The progress step the logs show at `now` (as `progress_line` computes it)."""
+    return max(0, min(job.steps, int(_fraction(job, now) * job.steps)))
+
+
+async def _malformed_events() -> AsyncIterator[str]:
+    yield 'data: {"status": "IN_\n\n'
 
 
 def _log(message: str) -> dict[str, str]:

@@ -99,8 +99,10 @@ HTTP_KINDS = frozenset(
 )
 
 # Where a fault strikes: "submit" (fal submit / Replicate create), "status" (every status poll of
-# the request), "result" (fal result fetch), "download" (the image CDN).
-STAGES = ("submit", "status", "result", "download")
+# the request, and opening fal's status stream), "result" (fal result fetch), "download" (the image
+# CDN), "stream" (fal's status stream only: an HTTP answer when opening it, or for RESET a
+# connection dropped after the first event; plain status polls are unaffected).
+STAGES = ("submit", "status", "result", "download", "stream")
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,13 @@ class EmulatorConfig:
     hang_s: float = 30.0  # how long a HANG fault holds the connection (not scaled)
     seed: int | None = None  # RNG seed for latencies and failure draws
     price_per_mp: Mapping[str, float] | None = None  # USD per megapixel by endpoint/model; None: defaults
+    status_stream: bool = True  # fal: serve GET …/status/stream (SSE); False answers 404
+    stream_keepalive_s: float = 2.0  # fal: a keepalive comment when the stream was quiet this long
+    # Download-guard tests: result URLs point at this origin instead of the emulator's own (e.g.
+    # "https://169.254.169.254"), and the CDN answers each image with a 302 to `cdn_redirect`
+    # ("{self}" in it is replaced by the image's own URL with ?hop=1, which is then served).
+    cdn_base: str | None = None
+    cdn_redirect: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +475,8 @@ class Emulator:
         key = f"{self._random_seed():08x}{len(self._cdn):04x}"
         with self._lock:
             self._cdn[key] = obj
-        return f"{self.base_url}/cdn/{key}.{'jpg' if obj.fmt == 'jpeg' else obj.fmt}"
+        base = (self.config.cdn_base or self.base_url).rstrip("/")
+        return f"{base}/cdn/{key}.{'jpg' if obj.fmt == 'jpeg' else obj.fmt}"
 
     async def cdn(self, request: Request) -> Any:
         await self.record(request)
@@ -475,6 +485,11 @@ class Emulator:
             obj = self._cdn.get(key)
         if obj is None:
             return Response(b"not found", 404)
+        if self.config.cdn_redirect and "hop" not in request.query_params:
+            own = f"{self.base_url}{request.url.path}?hop=1"
+            return Response(
+                status_code=302, headers={"location": self.config.cdn_redirect.replace("{self}", own)}
+            )
         if obj.fault is not None and obj.fault.stage == "download":
             if FaultKind(obj.fault.kind) is FaultKind.MALFORMED:
                 return Response(b"<html>not an image</html>", media_type=MIME[obj.fmt])

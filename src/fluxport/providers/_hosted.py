@@ -8,12 +8,14 @@ import binascii
 import contextlib
 import email.utils
 import io
+import ipaddress
 import math
 import re
+import socket
 import time
-from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from PIL import Image
@@ -21,6 +23,9 @@ from PIL import Image
 from fluxport.domain.errors import FluxportError, ProviderFailure, RateLimited
 from fluxport.domain.job import ReferenceImage, Size
 from fluxport.providers.base import BilledCancellation, GeneratedImage, ProgressCallback, ProgressEvent, Stage
+
+if TYPE_CHECKING:
+    from fluxport.settings import Settings
 
 # Provider-specific request fields each adapter knows; one provider's are never sent to the other.
 FAL_EXTRAS = frozenset({"acceleration", "enable_safety_checker", "num_inference_steps", "sync_mode"})
@@ -41,6 +46,7 @@ class HttpPolicy:
     transient_retries: int = 2  # idempotent GETs retried on 502/503/504 and transport faults
     cancel_timeout_s: float = 5.0
     max_image_bytes: int = 64 * 1024 * 1024
+    download_timeout_s: float = 120.0  # one whole image download, redirects included
 
 
 def fit_size(size: Size, lo: int, hi: int, multiple: int) -> Size:
@@ -122,12 +128,121 @@ class Progress:
             self._callback(ProgressEvent(stage=stage, step=step, total=total, message=message))
 
 
+# --------------------------------------------------------------------------------------------
+# Download guard: result image URLs come from the provider's answer, so they are untrusted input.
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class RefusedURL(ValueError):
+    """A result image URL the download policy does not allow (the message says why)."""
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to, looked up off the event loop."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def _public(address: str) -> bool:
+    """True for a globally routable unicast address (not private, loopback, link-local, ...)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (
+        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
+    )
+
+
+@dataclass(frozen=True)
+class DownloadGuard:
+    """Which result image URLs may be fetched: https from `hosts` (a domain and its subdomains) that
+    resolve only to public addresses; or exactly the scheme, host and port of a configured provider
+    base URL (`trusted`: that is how loopback emulators work in tests; the operator chose them)."""
+
+    hosts: tuple[str, ...]
+    trusted: frozenset[tuple[str, str, int]] = frozenset()
+    resolver: Resolver = field(default=_resolve, compare=False)
+    max_redirects: int = 3
+
+    @classmethod
+    def of(cls, hosts: Iterable[str], provider_urls: Iterable[str] = (), **kw: Any) -> DownloadGuard:
+        domains = tuple(h.strip().lower().rstrip(".") for h in hosts if h.strip().strip("."))
+        trusted = set()
+        for raw in provider_urls:
+            with contextlib.suppress(httpx.InvalidURL):
+                url = httpx.URL(raw)
+                if url.scheme in _DEFAULT_PORTS and url.host:
+                    trusted.add(_origin(url))
+        return cls(domains, frozenset(trusted), **kw)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DownloadGuard:
+        """The configured download hosts, plus both configured provider base URLs as trusted."""
+        return cls.of(settings.download_hosts, (settings.fal_url, settings.replicate_url))
+
+    def allowed_host(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return any(host == d or host.endswith("." + d) for d in self.hosts)
+
+    async def check(self, url: str | httpx.URL) -> httpx.URL:
+        """The parsed URL when it may be fetched; RefusedURL otherwise."""
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError, ValueError) as exc:
+            raise RefusedURL(f"malformed URL ({exc})") from None
+        if parsed.scheme not in _DEFAULT_PORTS or not parsed.host:
+            raise RefusedURL(f"scheme {parsed.scheme!r} is not https")
+        if parsed.userinfo:
+            raise RefusedURL("credentials in the URL")
+        if _origin(parsed) in self.trusted:
+            return parsed
+        if parsed.scheme != "https":
+            raise RefusedURL("only https downloads are allowed")
+        if not self.allowed_host(parsed.host):
+            raise RefusedURL(f"host {parsed.host!r} is not an allowed download host")
+        port = parsed.port or 443
+        try:
+            addresses = await self.resolver(parsed.host, port)
+        except OSError as exc:
+            raise RefusedURL(f"host {parsed.host!r} does not resolve ({exc})") from None
+        if not addresses:
+            raise RefusedURL(f"host {parsed.host!r} does not resolve")
+        for address in addresses:
+            try:
+                public = _public(address)
+            except ValueError:
+                public = False
+            if not public:
+                raise RefusedURL(f"host {parsed.host!r} resolves to the non-public address {address}")
+        return parsed
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    return url.scheme, url.host.lower().rstrip("."), url.port or _DEFAULT_PORTS.get(url.scheme, 0)
+
+
+def _shown(url: str | httpx.URL) -> str:
+    text = str(url)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class Http:
     """An httpx client with one provider's error policy: timeouts, 429 and transient retries."""
 
-    def __init__(self, provider: str, policy: HttpPolicy, client: httpx.AsyncClient | None) -> None:
+    def __init__(
+        self,
+        provider: str,
+        policy: HttpPolicy,
+        client: httpx.AsyncClient | None,
+        guard: DownloadGuard | None = None,
+    ) -> None:
+        """`guard`: where result images may come from; None allows only the default hosts."""
         self.provider = provider
         self.policy = policy
+        self.guard = guard or DownloadGuard.of(_DEFAULT_DOWNLOAD_HOSTS)
         self._own = client is None
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(policy.timeout_s), follow_redirects=True
@@ -208,24 +323,56 @@ class Http:
         return body
 
     async def download(self, url: str) -> tuple[bytes, float]:
-        """The bytes at `url` (http(s) or a data: URI), size-capped; also when the first byte came."""
+        """The bytes at `url` (a data: URI, or a URL the download guard allows at every redirect
+        hop), size-capped and time-limited; also when the first byte came."""
         if url.startswith("data:"):
             return _decode_data_uri(url, self.provider, self.policy.max_image_bytes), time.monotonic()
-        if not url.startswith(("http://", "https://")):
-            raise ProviderFailure(f"{self.provider}: unexpected image URL scheme in {url[:40]!r}.")
         transient = 0
-        while True:
-            try:
-                return await self._download_once(url)
-            except (httpx.TransportError, _Transient) as exc:
-                if transient >= self.policy.transient_retries:
-                    raise ProviderFailure(f"{self.provider}: image download failed: {exc!r}.") from exc
-                transient += 1
-                await asyncio.sleep(0.1 * transient)
+        try:
+            async with asyncio.timeout(self.policy.download_timeout_s):
+                while True:
+                    try:
+                        return await self._download_once(url)
+                    except (httpx.TransportError, _Transient) as exc:
+                        if transient >= self.policy.transient_retries:
+                            raise ProviderFailure(
+                                f"{self.provider}: image download failed: {exc!r}."
+                            ) from exc
+                        transient += 1
+                        await asyncio.sleep(0.1 * transient)
+        except TimeoutError as exc:
+            raise ProviderFailure(
+                f"{self.provider}: image download took over {self.policy.download_timeout_s:g} s."
+            ) from exc
 
     async def _download_once(self, url: str) -> tuple[bytes, float]:
-        async with self.client.stream("GET", url) as response:
+        target: str | httpx.URL = url
+        for _hop in range(self.guard.max_redirects + 1):
+            try:
+                checked = await self.guard.check(target)
+            except RefusedURL as exc:
+                raise ProviderFailure(
+                    f"{self.provider}: refused to download the result image from {_shown(target)}: {exc}."
+                ) from None
+            result = await self._fetch(checked)
+            if isinstance(result, httpx.URL):
+                target = result  # a redirect: the next hop is checked like the first
+                continue
+            return result
+        raise ProviderFailure(f"{self.provider}: the image download redirected too many times.")
+
+    async def _fetch(self, url: httpx.URL) -> tuple[bytes, float] | httpx.URL:
+        """The image bytes, or the next URL when the answer is a redirect."""
+        async with self.client.stream("GET", url, follow_redirects=False) as response:
             first_byte = time.monotonic()
+            if response.status_code in _REDIRECTS:
+                location = response.headers.get("location")
+                if not location:
+                    raise ProviderFailure(f"{self.provider}: image download redirect without a Location.")
+                try:
+                    return url.join(location)
+                except (httpx.InvalidURL, ValueError) as exc:
+                    raise ProviderFailure(f"{self.provider}: malformed download redirect: {exc}.") from None
             if response.status_code in (429, 502, 503, 504):
                 raise _Transient(f"HTTP {response.status_code}")
             if response.status_code != 200:
@@ -274,6 +421,16 @@ class Http:
 
 class _Transient(Exception):
     pass
+
+
+# Settings.download_hosts' default; used when an Http is built without a guard.
+_DEFAULT_DOWNLOAD_HOSTS: tuple[str, ...] = (
+    "fal.media",
+    "fal.run",
+    "fal.ai",
+    "replicate.delivery",
+    "replicate.com",
+)
 
 
 def _decode_data_uri(url: str, provider: str, limit: int) -> bytes:

@@ -1,10 +1,16 @@
-"""fal.ai adapter: FLUX.2 [dev] and [dev] Flash over fal's queue REST API (submit, poll, result, cancel)."""
+"""fal.ai adapter: FLUX.2 [dev] and [dev] Flash over fal's queue REST API (submit, wait, result, cancel).
+
+Completion is noticed on the SSE status stream (`{status_url}/stream`), as soon as fal sends it;
+when the stream cannot be opened or breaks off, the adapter falls back to polling `status_url`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,6 +20,7 @@ from fluxport.domain.job import ImageJob
 from fluxport.providers._hosted import (
     FAL_EXTRAS,
     REPLICATE_EXTRAS,
+    DownloadGuard,
     Http,
     HttpPolicy,
     Progress,
@@ -66,11 +73,18 @@ class FalProvider:
         *,
         client: httpx.AsyncClient | None = None,
         policy: HttpPolicy | None = None,
+        status_stream: bool = True,
+        max_streams: int = 64,
     ) -> None:
         self._key = settings.fal_key
         self._base = settings.fal_url.rstrip("/")
         self.policy = policy or HttpPolicy()
-        self._http = Http(self.name, self.policy, client)
+        self.status_stream = status_stream  # False: poll the status URL only
+        # Each open stream holds a pooled connection for the whole wait (httpx's pool defaults to
+        # 100): beyond this many waits at once, the others poll so submits and results still flow.
+        self.max_streams = max_streams
+        self._streams = 0
+        self._http = Http(self.name, self.policy, client, DownloadGuard.from_settings(settings))
 
     def state(self, model: str) -> ProviderState:
         if model not in ENDPOINTS:
@@ -147,7 +161,7 @@ class FalProvider:
         return endpoint, body, norm
 
     async def generate(self, job: ImageJob, progress: ProgressCallback) -> ProviderResult:
-        """Submit to the queue, poll until COMPLETED, fetch the result, download the images."""
+        """Submit to the queue, wait for COMPLETED, fetch the result, download the images."""
         if not self._key:
             raise ProviderFailure("fal is not configured: set FAL_KEY.", code="provider_not_configured")
         endpoint, body, norm = self.build_input(job)
@@ -185,6 +199,58 @@ class FalProvider:
             raise
 
     async def _wait(self, status_url: str, t0: float, timings: AttemptTimings, report: Progress) -> None:
+        """Return once the request is COMPLETED: from the status stream, else by polling."""
+        if self.status_stream and self._streams < self.max_streams:
+            self._streams += 1
+            try:
+                if await self._follow_stream(status_url, t0, timings, report):
+                    return
+            finally:
+                self._streams -= 1
+        await self._poll(status_url, t0, timings, report)
+
+    async def _follow_stream(
+        self, status_url: str, t0: float, timings: AttemptTimings, report: Progress
+    ) -> bool:
+        """Read the SSE status stream; True once COMPLETED came, False when the stream could not
+        be opened or broke off first (the caller then polls). The read timeout applies per chunk,
+        `max_wait_s` to the whole wait; a cancelled caller closes the stream on the way out."""
+        url = _stream_url(status_url)
+        remaining = self.policy.max_wait_s - (time.monotonic() - t0)
+        headers = self._headers() | {"Accept": "text/event-stream"}
+        try:
+            async with (
+                asyncio.timeout(remaining),
+                self._http.client.stream(
+                    "GET", url, headers=headers, timeout=self.policy.timeout_s
+                ) as response,
+            ):
+                kind = response.headers.get("content-type", "")
+                if response.status_code != 200 or not kind.startswith("text/event-stream"):
+                    log.debug("fal: status stream answered %s %s; polling", response.status_code, kind)
+                    return False
+                async for data in _sse_data(response.aiter_lines()):
+                    try:
+                        status = json.loads(data)
+                    except ValueError:
+                        log.info("fal: status stream sent invalid JSON %r; polling", data[:100])
+                        return False
+                    # Anything but a status object is not for us; COMPLETED ends the wait.
+                    if (
+                        isinstance(status, dict)
+                        and "status" in status
+                        and self._observe(status, t0, timings, report)
+                    ):
+                        return True
+        except TimeoutError as exc:  # asyncio.timeout: httpx raises its own timeout types
+            raise ProviderFailure(f"fal: no result within {self.policy.max_wait_s:g} s.") from exc
+        except httpx.HTTPError as exc:
+            log.info("fal: status stream failed (%r); polling", exc)
+            return False
+        log.info("fal: status stream ended before COMPLETED; polling")
+        return False
+
+    async def _poll(self, status_url: str, t0: float, timings: AttemptTimings, report: Progress) -> None:
         interval = self.policy.poll_interval_s
         while True:
             response = await self._http.request(
@@ -192,29 +258,35 @@ class FalProvider:
             )
             if response.status_code >= 400:
                 raise _client_error(response)
-            status = self._http.json(response, "status")
+            if self._observe(self._http.json(response, "status"), t0, timings, report):
+                return
             now = time.monotonic() - t0
-            if timings.first_status_s is None:
-                timings.first_status_s = now
-            state = status.get("status")
-            if state == "IN_QUEUE":
-                report("queued", message=f"queue position {status.get('queue_position')}")
-            elif state in ("IN_PROGRESS", "COMPLETED"):
-                if timings.queued_s == 0.0:
-                    timings.queued_s = now
-                if state == "COMPLETED":
-                    metrics = status.get("metrics")
-                    if isinstance(metrics, dict) and isinstance(metrics.get("inference_time"), int | float):
-                        timings.generation_s = float(metrics["inference_time"])
-                    return
-                step = step_of(_log_text(status.get("logs")))
-                report("step", *(step or (0, 0)))
-            else:
-                raise ProviderFailure(f"fal: unknown queue status {state!r}.")
             if now + interval > self.policy.max_wait_s:
                 raise ProviderFailure(f"fal: no result within {self.policy.max_wait_s:g} s.")
             await asyncio.sleep(interval)
             interval = min(interval * self.policy.poll_backoff, self.policy.max_poll_interval_s)
+
+    def _observe(self, status: dict[str, Any], t0: float, timings: AttemptTimings, report: Progress) -> bool:
+        """Record one status (polled or streamed); True when it is COMPLETED."""
+        now = time.monotonic() - t0
+        if timings.first_status_s is None:
+            timings.first_status_s = now
+        state = status.get("status")
+        if state == "IN_QUEUE":
+            report("queued", message=f"queue position {status.get('queue_position')}")
+            return False
+        if state not in ("IN_PROGRESS", "COMPLETED"):
+            raise ProviderFailure(f"fal: unknown queue status {state!r}.")
+        if timings.queued_s == 0.0:
+            timings.queued_s = now
+        if state == "COMPLETED":
+            metrics = status.get("metrics")
+            if isinstance(metrics, dict) and isinstance(metrics.get("inference_time"), int | float):
+                timings.generation_s = float(metrics["inference_time"])
+            return True
+        step = step_of(_log_text(status.get("logs")))
+        report("step", *(step or (0, 0)))
+        return False
 
     async def _collect(
         self,
@@ -280,6 +352,29 @@ class FalProvider:
             return bool(response.json().get("status") == "ALREADY_COMPLETED")
         except (ValueError, AttributeError):
             return False
+
+
+def _stream_url(status_url: str) -> httpx.URL:
+    """`{status_url}/stream`, keeping the status URL's query, with logs=1."""
+    url = httpx.URL(status_url)
+    return url.copy_with(path=url.path.rstrip("/") + "/stream").copy_set_param("logs", "1")
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The data of each server-sent event: `data:` lines joined by newlines, dispatched at a blank
+    line; comments and the event, id and retry fields are ignored, as is an unterminated last event."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value.removeprefix(" "))
 
 
 def _log_text(logs: object) -> str:

@@ -15,6 +15,7 @@ from fluxport.domain.job import ImageJob, Size
 from fluxport.providers._hosted import (
     FAL_EXTRAS,
     REPLICATE_EXTRAS,
+    DownloadGuard,
     Http,
     HttpPolicy,
     Progress,
@@ -84,7 +85,7 @@ class ReplicateProvider:
         self._base = settings.replicate_url.rstrip("/")
         self.policy = policy or HttpPolicy()
         self.wait_s = max(1, min(60, wait_s))
-        self._http = Http(self.name, self.policy, client)
+        self._http = Http(self.name, self.policy, client, DownloadGuard.from_settings(settings))
 
     def state(self, model: str) -> ProviderState:
         if model not in MODELS:
