@@ -41,7 +41,8 @@ class LiveServer:
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("max_retries", 0)
-        return openai.OpenAI(base_url=self.api, api_key="sk-test", **kwargs)
+        kwargs.setdefault("api_key", "sk-test")
+        return openai.OpenAI(base_url=self.api, **kwargs)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -49,9 +50,13 @@ class LiveServer:
 
 
 def start_server(data_dir: Path, **overrides: Any) -> LiveServer:
-    """A real uvicorn server in a thread, on a free port, with its own data directory."""
+    """A real uvicorn server in a thread, on a free port, with its own data directory.
+
+    Auth is off unless a test passes auth="keys" (tests/test_auth.py covers keys).
+    """
     # Hosted provider keys from the developer's shell must not leak into tests.
-    settings = Settings(**{"data_dir": data_dir, "fal_key": None, "replicate_api_token": None, **overrides})
+    base = {"data_dir": data_dir, "fal_key": None, "replicate_api_token": None, "auth": "none"}
+    settings = Settings(**{**base, **overrides})
     port = free_port()
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"

@@ -202,6 +202,7 @@ def test_fluxport_serve_with_fal_env(fal: FalEmulator, tmp_path: Path) -> None:
         "FLUXPORT_FAL_URL": fal.base_url,
         "FLUXPORT_DATA_DIR": str(tmp_path),
         "HF_HUB_OFFLINE": "1",
+        "FLUXPORT_AUTH": "none",  # keys: tests/test_auth.py
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "fluxport.cli", "serve", "--port", str(port)],

@@ -142,3 +142,36 @@ class DeadlineExceeded(FluxportError):
     def __init__(self, message: str) -> None:
         # A retry would start (and maybe bill) the whole generation again: let the client decide.
         super().__init__(message, headers={"x-should-retry": "false"})
+
+
+# -- keys, limits and idempotency (issue #6) --------------------------------------------------------
+
+
+class InvalidApiKey(FluxportError):
+    """No key, an unknown key or a revoked key on a /v1 route."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"www-authenticate": 'Bearer realm="fluxport"'})
+
+
+class BudgetExceeded(FluxportError):
+    """The key's monthly spend budget is used up; retrying cannot help before the month turns."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "budget_exceeded"
+
+
+class IdempotencyConflict(FluxportError):
+    """The Idempotency-Key was already used with a different body. The SDK retries 409: forbid it."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="Idempotency-Key", headers={"x-should-retry": "false"})

@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from fluxport import media
@@ -62,6 +63,7 @@ class PreparedRequest:
     request: ImageRequest
     record: dict[str, Any]
     explicit: list[str] | None = None  # the client's own provider order, if it gave one
+    api_key_id: str | None = None  # the API key the request is recorded (and billed) against
 
 
 @dataclass
@@ -154,7 +156,13 @@ class ImageService:
     # -- preparing --------------------------------------------------------------------------------
 
     async def prepare(
-        self, request_id: str, operation: Operation, req: ImageRequest, uploads: Sequence[bytes] = ()
+        self,
+        request_id: str,
+        operation: Operation,
+        req: ImageRequest,
+        uploads: Sequence[bytes] = (),
+        *,
+        api_key_id: str | None = None,
     ) -> PreparedRequest:
         """Validate everything that can be validated before any provider is called."""
         spec = self.spec(req.model)
@@ -230,7 +238,7 @@ class ImageService:
             "hedge": req.hedge,
             "ignored": req.ignored,
         }
-        return PreparedRequest(job, spec, providers, decision, req, record, explicit)
+        return PreparedRequest(job, spec, providers, decision, req, record, explicit, api_key_id)
 
     def _explicit(
         self, spec: ModelSpec, given: str | list[str] | None, configured: list[Provider]
@@ -309,7 +317,13 @@ class ImageService:
         )
 
     async def reject(
-        self, request_id: str, operation: Operation, fields: dict[str, Any], exc: FluxportError
+        self,
+        request_id: str,
+        operation: Operation,
+        fields: dict[str, Any],
+        exc: FluxportError,
+        *,
+        api_key_id: str | None = None,
     ) -> None:
         """Record a request refused before it ran, so no request goes unrecorded."""
         model = fields.get("model") if isinstance(fields.get("model"), str) else None
@@ -322,6 +336,7 @@ class ImageService:
             prompt=str(prompt)[: self.settings.max_prompt_chars],
             params=safe,
             n=1,
+            api_key_id=api_key_id,
         )
         await self.db.finish_request(
             request_id,
@@ -356,6 +371,7 @@ class ImageService:
             prompt=job.prompt,
             params={**p.record, "dry_run": True},
             n=job.n,
+            api_key_id=p.api_key_id,
         )
         usage = self.estimate(chosen, job)
         await self.db.finish_request(
@@ -394,6 +410,7 @@ class ImageService:
             params=prepared.record,
             n=job.n,
             status="running",
+            api_key_id=prepared.api_key_id,
         )
         task = asyncio.create_task(self._execute(prepared, progress), name=f"fluxport-{job.request_id}")
         self._tasks.add(task)
@@ -764,6 +781,8 @@ class ImageService:
             raise ProviderFailure(f"{provider.name} returned an unusable image: {exc}") from exc
         stored: list[StoredImage] = []
         rows: list[ImageRow] = []
+        # One whole-second timestamp for `created` and the records: links expire at created + ttl.
+        created = int(time.time())
         for index, (img, enc) in enumerate(zip(result.images, encoded, strict=True)):
             image_id = new_image_id()
             ext = "jpg" if enc.format == "jpeg" else enc.format
@@ -779,6 +798,7 @@ class ImageService:
                     width=enc.width,
                     height=enc.height,
                     bytes=len(enc.data),
+                    created_at=datetime.fromtimestamp(created, UTC),
                 )
             )
             stored.append(StoredImage(image_id, f"/images/{image_id}.{ext}", enc, _seed_of(img, job, index)))
@@ -820,7 +840,7 @@ class ImageService:
             normalization=self._report(p, caps, result, provider),
             attempts=tried,
             usage=usage,
-            created=int(time.time()),
+            created=created,
         )
 
     def _report(

@@ -33,6 +33,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     case,
+    delete,
     event,
     false,
     func,
@@ -42,6 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import URL, Connection, CursorResult, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
@@ -51,18 +53,23 @@ __all__ = [
     "INTERRUPTED_ERROR",
     "OPERATIONS",
     "REQUEST_STATUSES",
+    "ApiKeyRecord",
+    "ApiKeyRow",
     "AttemptRecord",
     "AttemptRow",
     "AttemptStats",
     "AttemptStatus",
     "Base",
     "Database",
+    "IdempotencyRecord",
+    "IdempotencyRow",
     "ImageRecord",
     "ImageRow",
     "Operation",
     "RequestRecord",
     "RequestRow",
     "RequestStatus",
+    "UsageTotals",
     "alembic_config",
     "make_engine",
 ]
@@ -146,6 +153,7 @@ class RequestRecord(Base):
     __table_args__ = (
         Index("ix_requests_model_created_at", "model", "created_at"),
         Index("ix_requests_status", "status"),
+        Index("ix_requests_api_key_id_created_at", "api_key_id", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String, primary_key=True)
@@ -172,6 +180,8 @@ class RequestRecord(Base):
         Boolean, nullable=False, default=False, server_default=false()
     )
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The API key that made the request; None for keyless requests (auth none, playground).
+    api_key_id: Mapped[str | None] = mapped_column(String)
 
 
 class AttemptRecord(Base):
@@ -231,6 +241,109 @@ class ImageRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
+class ApiKeyRecord(Base):
+    """An API key: only the SHA-256 of the secret is kept; `prefix` is its first characters, for lists."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("hash"),)
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    name: Mapped[str] = mapped_column(String, nullable=False)
+    prefix: Mapped[str] = mapped_column(String, nullable=False)
+    hash: Mapped[str] = mapped_column(String, nullable=False)
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    monthly_budget_usd: Mapped[float | None] = mapped_column(Double)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class IdempotencyRecord(Base):
+    """The answer to one Idempotency-Key of one API key ("" without auth): in progress, then stored."""
+
+    __tablename__ = "idempotency"
+    __table_args__ = (Index("ix_idempotency_expires_at", "expires_at"),)
+
+    api_key_id: Mapped[str] = mapped_column(String, primary_key=True)
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    body_hash: Mapped[str] = mapped_column(String, nullable=False)
+    request_id: Mapped[str] = mapped_column(String, nullable=False)
+    state: Mapped[str] = mapped_column(String, nullable=False)  # in_progress | done
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    headers: Mapped[dict[str, str] | None] = mapped_column(json_type())
+    body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    """A snapshot of one `api_keys` row (never the secret)."""
+
+    id: str
+    name: str
+    prefix: str
+    hash: str
+    rate_limit_per_minute: int | None
+    monthly_budget_usd: float | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, k: ApiKeyRecord) -> ApiKeyRow:
+        return cls(
+            id=k.id,
+            name=k.name,
+            prefix=k.prefix,
+            hash=k.hash,
+            rate_limit_per_minute=k.rate_limit_per_minute,
+            monthly_budget_usd=k.monthly_budget_usd,
+            created_at=k.created_at,
+            revoked_at=k.revoked_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRow:
+    """A snapshot of one `idempotency` row."""
+
+    api_key_id: str
+    key: str
+    body_hash: str
+    request_id: str
+    state: str
+    status_code: int | None
+    headers: dict[str, str] | None
+    body: str | None
+    created_at: datetime
+    expires_at: datetime
+
+    @classmethod
+    def of(cls, r: IdempotencyRecord) -> IdempotencyRow:
+        return cls(
+            api_key_id=r.api_key_id,
+            key=r.key,
+            body_hash=r.body_hash,
+            request_id=r.request_id,
+            state=r.state,
+            status_code=r.status_code,
+            headers=r.headers,
+            body=r.body,
+            created_at=r.created_at,
+            expires_at=r.expires_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """One key's recorded requests over a period: counts, output megapixels and spend."""
+
+    requests: int
+    succeeded: int
+    images: int
+    megapixels: float
+    cost_usd: float
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRow:
     """A snapshot of one `requests` row."""
@@ -256,6 +369,7 @@ class RequestRow:
     cost_usd: float | None
     client_disconnected: bool
     finished_at: datetime | None
+    api_key_id: str | None = None
 
     @classmethod
     def of(cls, r: RequestRecord) -> RequestRow:
@@ -281,6 +395,7 @@ class RequestRow:
             cost_usd=r.cost_usd,
             client_disconnected=r.client_disconnected,
             finished_at=r.finished_at,
+            api_key_id=r.api_key_id,
         )
 
 
@@ -502,6 +617,7 @@ class Database:
         params: dict[str, Any],
         n: int,
         status: str = "queued",
+        api_key_id: str | None = None,
     ) -> None:
         """Record a new request (queued, or already running when it starts at once)."""
         _check(operation, OPERATIONS, "operation")
@@ -519,6 +635,7 @@ class Database:
                     n=n,
                     images=0,
                     client_disconnected=False,
+                    api_key_id=api_key_id,
                 )
             )
 
@@ -795,6 +912,169 @@ class Database:
             )
             return [ImageRow.of(i) for i in rows]
 
+    # API keys
+
+    async def create_api_key(
+        self,
+        *,
+        id: str,
+        name: str,
+        prefix: str,
+        hash: str,
+        rate_limit_per_minute: int | None = None,
+        monthly_budget_usd: float | None = None,
+    ) -> ApiKeyRow:
+        record = ApiKeyRecord(
+            id=id,
+            name=name,
+            prefix=prefix,
+            hash=hash,
+            rate_limit_per_minute=rate_limit_per_minute,
+            monthly_budget_usd=monthly_budget_usd,
+            created_at=_utcnow(),
+            revoked_at=None,
+        )
+        async with self._write() as session:
+            session.add(record)
+        return ApiKeyRow.of(record)
+
+    async def list_api_keys(self) -> list[ApiKeyRow]:
+        """Every key, revoked ones included, oldest first."""
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(ApiKeyRecord).order_by(ApiKeyRecord.created_at, ApiKeyRecord.id)
+            )
+            return [ApiKeyRow.of(k) for k in rows]
+
+    async def count_api_keys(self) -> int:
+        async with self.sessions() as session:
+            return int(await session.scalar(select(func.count()).select_from(ApiKeyRecord)) or 0)
+
+    async def api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
+        async with self.sessions() as session:
+            record = await session.scalar(select(ApiKeyRecord).where(ApiKeyRecord.hash == key_hash))
+            return ApiKeyRow.of(record) if record is not None else None
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyRow | None:
+        """Stamp revoked_at (kept if already revoked); None when there is no such key."""
+        async with self._write() as session:
+            record = await session.get(ApiKeyRecord, key_id)
+            if record is None:
+                return None
+            if record.revoked_at is None:
+                record.revoked_at = _utcnow()
+            return ApiKeyRow.of(record)
+
+    async def key_usage(self, api_key_id: str | None, *, since: datetime | None = None) -> UsageTotals:
+        """A key's requests since `since` (all time when None); api_key_id None: keyless requests."""
+        r = RequestRecord
+        owner = r.api_key_id.is_(None) if api_key_id is None else r.api_key_id == api_key_id
+        stmt = select(
+            func.count(),
+            func.sum(case((r.status == "succeeded", 1), else_=0)),
+            func.sum(r.images),
+            func.sum(r.width * r.height * r.images),
+            func.sum(r.cost_usd),
+        ).where(owner)
+        if since is not None:
+            stmt = stmt.where(r.created_at >= since)
+        async with self.sessions() as session:
+            count, succeeded, images, pixels, cost = (await session.execute(stmt)).one()
+        return UsageTotals(
+            requests=int(count or 0),
+            succeeded=int(succeeded or 0),
+            images=int(images or 0),
+            megapixels=round(float(pixels or 0) / 1e6, 6),
+            cost_usd=round(float(cost or 0.0), 6),
+        )
+
+    async def key_spend(self, api_key_id: str, *, since: datetime) -> float:
+        """What a key's requests since `since` cost (dry runs record 0)."""
+        r = RequestRecord
+        stmt = select(func.sum(r.cost_usd)).where(r.api_key_id == api_key_id, r.created_at >= since)
+        async with self.sessions() as session:
+            return float(await session.scalar(stmt) or 0.0)
+
+    # Idempotency
+
+    async def claim_idempotency(
+        self,
+        *,
+        api_key_id: str,
+        key: str,
+        body_hash: str,
+        request_id: str,
+        expires_at: datetime,
+        stale_before: datetime,
+    ) -> IdempotencyRow | None:
+        """Claim (api_key_id, key) for a new request: None when claimed, else the row that holds it.
+
+        Expired rows, and in-progress rows older than `stale_before` (their process died), give way.
+        """
+        for _ in range(5):
+            now = _utcnow()
+            async with self._write() as session:
+                t = IdempotencyRecord
+                await session.execute(
+                    delete(t).where(
+                        t.api_key_id == api_key_id,
+                        t.key == key,
+                        (t.expires_at <= now) | ((t.state == "in_progress") & (t.created_at < stale_before)),
+                    )
+                )
+            try:
+                async with self._write() as session:
+                    session.add(
+                        IdempotencyRecord(
+                            api_key_id=api_key_id,
+                            key=key,
+                            body_hash=body_hash,
+                            request_id=request_id,
+                            state="in_progress",
+                            created_at=now,
+                            expires_at=expires_at,
+                        )
+                    )
+                return None
+            except IntegrityError:
+                existing = await self.get_idempotency(api_key_id, key)
+                if existing is not None:
+                    return existing
+        raise RuntimeError(f"could not claim idempotency key {key!r}")
+
+    async def get_idempotency(self, api_key_id: str, key: str) -> IdempotencyRow | None:
+        async with self.sessions() as session:
+            record = await session.get(IdempotencyRecord, (api_key_id, key))
+            return IdempotencyRow.of(record) if record is not None else None
+
+    async def finish_idempotency(
+        self, api_key_id: str, key: str, *, status_code: int, headers: dict[str, str], body: str
+    ) -> None:
+        async with self._write() as session:
+            t = IdempotencyRecord
+            await session.execute(
+                update(t)
+                .where(t.api_key_id == api_key_id, t.key == key)
+                .values(state="done", status_code=status_code, headers=headers, body=body)
+            )
+
+    async def release_idempotency(self, api_key_id: str, key: str) -> None:
+        """Forget an in-progress claim (the answer is not to be kept, e.g. a 5xx): a retry runs again."""
+        async with self._write() as session:
+            t = IdempotencyRecord
+            await session.execute(delete(t).where(t.api_key_id == api_key_id, t.key == key))
+
+    async def purge_idempotency(self) -> int:
+        """Delete expired answers; returns how many."""
+        async with self._write() as session:
+            result = cast(
+                CursorResult[Any],
+                await session.execute(
+                    delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= _utcnow())
+                ),
+            )
+            return result.rowcount
+
     # Crash repair
 
     async def mark_interrupted(self) -> int:
@@ -821,3 +1101,34 @@ class Database:
                 ),
             )
             return result.rowcount
+
+    # Link expiry and blob-store repair (see storage/repair.py)
+
+    async def image_paths(
+        self, *, created_from: datetime | None = None, created_before: datetime | None = None
+    ) -> list[tuple[str, str, str, datetime]]:
+        """(id, request_id, path, created_at) of the images created in [created_from, created_before)."""
+        stmt = select(ImageRecord.id, ImageRecord.request_id, ImageRecord.path, ImageRecord.created_at)
+        if created_from is not None:
+            stmt = stmt.where(ImageRecord.created_at >= created_from)
+        if created_before is not None:
+            stmt = stmt.where(ImageRecord.created_at < created_before)
+        async with self.sessions() as session:
+            rows = await session.execute(stmt)
+            return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def delete_images(self, image_ids: list[str]) -> int:
+        """Remove image records (their files are gone); returns how many were removed."""
+        removed = 0
+        for start in range(0, len(image_ids), 500):  # stays under SQLite's bound-parameter limit
+            chunk = image_ids[start : start + 500]
+            async with self._write() as session:
+                result = cast(
+                    CursorResult[Any],
+                    await session.execute(
+                        delete(ImageRecord).where(ImageRecord.id.in_(chunk)),
+                        execution_options={"synchronize_session": False},
+                    ),
+                )
+                removed += result.rowcount
+        return removed

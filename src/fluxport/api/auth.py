@@ -1,0 +1,143 @@
+"""Bearer API keys on every /v1 route, per-key rate limits and monthly budgets.
+
+The check lives in an ASGI middleware keyed on the path, not in per-route dependencies, so a new
+/v1 route cannot be added without it (tests/test_auth.py enumerates the routes to prove it).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fluxport.domain.errors import BudgetExceeded, FluxportError, InvalidApiKey, RateLimited
+from fluxport.keys import hash_key, month_start
+from fluxport.settings import Settings
+from fluxport.storage.db import ApiKeyRow, Database
+
+log = logging.getLogger("fluxport.auth")
+
+# Revocation takes effect within this many seconds (the lookup cache's lifetime).
+KEY_CACHE_TTL_S = 2.0
+_KEY_CACHE_MAX = 10_000
+RATE_WINDOW_S = 60.0
+
+
+def protected(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+@dataclass
+class KeyAuth:
+    """Key lookups (cached briefly), the per-key sliding-window rate limiter and the budget check.
+
+    The rate limiter is in memory, per process: N server processes allow up to N times the limit.
+    """
+
+    settings: Settings
+    db: Database
+    _cache: dict[str, tuple[ApiKeyRow | None, float]] = field(default_factory=dict)
+    _windows: dict[str, deque[float]] = field(default_factory=dict)
+
+    async def lookup(self, secret: str) -> ApiKeyRow | None:
+        digest = hash_key(secret)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        row = await self.db.api_key_by_hash(digest)
+        if row is not None and not hmac.compare_digest(row.hash, digest):
+            row = None
+        if len(self._cache) >= _KEY_CACHE_MAX:
+            self._cache.clear()
+        self._cache[digest] = (row, now + KEY_CACHE_TTL_S)
+        return row
+
+    async def authenticate(self, authorization: str | None) -> ApiKeyRow | None:
+        """The calling key; None when auth is off. Raises InvalidApiKey."""
+        if self.settings.auth == "none":
+            return None
+        scheme, _, secret = (authorization or "").partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise InvalidApiKey(
+                "Missing API key: send 'Authorization: Bearer <key>' "
+                "(create one with `fluxport keys create`)."
+            )
+        row = await self.lookup(secret)
+        if row is None:
+            raise InvalidApiKey("Incorrect API key provided.")
+        if row.revoked_at is not None:
+            raise InvalidApiKey(f"API key {row.prefix}… was revoked.")
+        return row
+
+    def check_rate(self, key: ApiKeyRow) -> None:
+        """Count one request against the key's per-minute limit; raises RateLimited when over it."""
+        limit = key.rate_limit_per_minute
+        if not limit:
+            return
+        now = time.monotonic()
+        window = self._windows.setdefault(key.id, deque())
+        while window and window[0] <= now - RATE_WINDOW_S:
+            window.popleft()
+        if len(window) >= limit:
+            retry_after = window[0] + RATE_WINDOW_S - now
+            raise RateLimited(
+                f"Rate limit reached for API key {key.prefix}…: {limit} requests per minute. "
+                f"Try again in {max(1, round(retry_after))} s.",
+                retry_after=retry_after,
+            )
+        window.append(now)
+
+    async def check_budget(self, key: ApiKeyRow | None) -> None:
+        """Refuse a paid request once the key's spend this UTC month has reached its budget."""
+        if key is None or key.monthly_budget_usd is None:
+            return
+        spent = await self.db.key_spend(key.id, since=month_start())
+        if spent >= key.monthly_budget_usd:
+            raise BudgetExceeded(
+                f"API key {key.prefix}… has spent ${spent:.4f} this month (UTC), which reaches its "
+                f"monthly budget of ${key.monthly_budget_usd:.4f}. Raise the budget or wait for next month."
+            )
+
+
+def calling_key(request: Request) -> ApiKeyRow | None:
+    """The key the auth middleware accepted for this request (None with auth none)."""
+    key: ApiKeyRow | None = getattr(request.state, "api_key", None)
+    return key
+
+
+def key_auth(request: Request) -> KeyAuth:
+    auth: KeyAuth = request.app.state.auth
+    return auth
+
+
+class ApiKeyAuth:
+    """Pure ASGI middleware: every path under /v1 needs a valid key (unless auth is none)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not protected(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        auth: KeyAuth = scope["app"].state.auth
+        headers = dict(scope["headers"])
+        try:
+            raw = headers.get(b"authorization")
+            key = await auth.authenticate(raw.decode("latin-1") if raw is not None else None)
+            if key is not None:
+                auth.check_rate(key)
+        except FluxportError as exc:
+            response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["api_key"] = key
+        await self.app(scope, receive, send)
