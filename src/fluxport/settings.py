@@ -60,6 +60,21 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(default=30.0, gt=0, description="First cool-down of an open breaker.")
     request_deadline_s: float = Field(default=300.0, gt=0, description="Overall deadline per request.")
 
+    # Keys, idempotency and stored links (issue #6)
+    auth: Literal["keys", "none"] = Field(
+        default="keys",
+        description="keys: Bearer API keys on every /v1 route; none: open (local experiments).",
+    )
+    image_ttl_s: int = Field(default=24 * 3600, ge=1, description="How long image links (url) stay valid.")
+    idempotency_ttl_s: int = Field(
+        default=24 * 3600, ge=60, description="How long Idempotency-Key answers are kept."
+    )
+    # Hosts result images may be downloaded from (besides the configured provider URLs' own hosts).
+    download_hosts: list[str] = Field(
+        default_factory=lambda: ["fal.media", "fal.run", "fal.ai", "replicate.delivery", "replicate.com"],
+        description="Result images are fetched only over https from these domains (and their subdomains).",
+    )
+
     # Input limits
     max_prompt_chars: int = 32000
     max_image_bytes: int = 50 * 1024 * 1024

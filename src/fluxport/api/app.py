@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxport import __version__
-from fluxport.api import images, metrics, models, web
+from fluxport.api import images, metrics, models, usage, web
+from fluxport.api.auth import ApiKeyAuth, KeyAuth
+from fluxport.api.idempotency import Idempotency
 from fluxport.domain.errors import FluxportError, InvalidRequest, PayloadTooLarge
 from fluxport.gateway.service import ImageService
 from fluxport.metrics import Metrics
@@ -25,8 +30,11 @@ from fluxport.providers.registry import build_providers
 from fluxport.settings import Settings
 from fluxport.storage.blobs import BlobStore
 from fluxport.storage.db import Database
+from fluxport.storage.repair import repair_on_start, sweep_forever
 
 log = logging.getLogger("fluxport")
+
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class RequestContext:
@@ -48,6 +56,15 @@ class RequestContext:
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
+
+        # httptools sets no limit on header size: refuse what no client of this API needs.
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            too_big = InvalidRequest(
+                f"The request headers are larger than {MAX_HEADER_BYTES} bytes.", code="headers_too_large"
+            )
+            too_big.status = 431
+            await error_response(too_big)(scope, receive, send_with_id)
+            return
 
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
@@ -104,6 +121,50 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(err)
 
 
+async def _keys_and_idempotency(app: FastAPI, settings: Settings, db: Database) -> None:
+    """Key checks and Idempotency-Key answers; on first start with auth on, mint and show a key."""
+    from fluxport.keys import create_key
+
+    app.state.auth = KeyAuth(settings, db)
+    # An in-progress Idempotency-Key older than this belongs to a process that died: it gives way.
+    app.state.idempotency = Idempotency(db, settings.idempotency_ttl_s, settings.request_deadline_s + 60)
+    await db.purge_idempotency()
+    if settings.auth == "none":
+        log.warning(
+            "AUTHENTICATION IS OFF (FLUXPORT_AUTH=none): anyone who can reach this server can generate "
+            "images and spend provider money. Use it only for local experiments."
+        )
+        print(
+            _banner("AUTH IS OFF (FLUXPORT_AUTH=none): every /v1 route is open to anyone who can reach it."),
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    if await db.count_api_keys() == 0:
+        row, secret = await create_key(db, name="default")
+        log.warning("no API keys existed: created key %s (%s), printed once to stderr", row.id, row.name)
+        print(
+            _banner(
+                'fluxport created its first API key, "default". It is shown ONCE; store it now:\n\n'
+                f"    {secret}\n\n"
+                "Use it as the OpenAI SDK's api_key (Authorization: Bearer <key>).\n"
+                "More keys: fluxport keys create | list | revoke"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _banner(text: str) -> str:
+    rule = "=" * 78
+    return f"\n{rule}\n{text}\n{rule}\n"
+
+
+def sweep_interval(settings: Settings) -> float:
+    """Hourly; more often when links live less than two hours (tests use seconds)."""
+    return min(3600.0, max(0.5, settings.image_ttl_s / 2))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -111,10 +172,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = await Database.open(settings.resolved_database_url)
-        interrupted = await db.mark_interrupted()
-        if interrupted:
-            log.warning("marked %d requests left in flight by an earlier run as interrupted", interrupted)
         blobs = BlobStore(settings.images_dir)
+        # Crash repair before serving; then the expiry sweep of image files (storage/repair.py).
+        repaired = await repair_on_start(db, blobs, ttl_s=settings.image_ttl_s)
+        sweeper = asyncio.create_task(
+            sweep_forever(
+                db,
+                blobs,
+                ttl_s=settings.image_ttl_s,
+                interval_s=sweep_interval(settings),
+                since=repaired.cutoff,
+            ),
+            name="fluxport-expiry-sweep",
+        )
         providers = build_providers(settings)
         service = ImageService(settings, db, blobs, providers, metrics=app.state.metrics)
         for (provider_name, model), outcomes in (await db.recent_outcomes()).items():
@@ -124,9 +194,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.metrics.track_queue("local", local.queue_depths)
         app.state.settings = settings
         app.state.service = service
+        await _keys_and_idempotency(app, settings, db)
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await service.drain(grace_s=30)
             for provider in providers.values():
                 await provider.aclose()
@@ -146,6 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(images.router)
     app.include_router(metrics.router)
     app.include_router(models.router)
+    app.include_router(usage.router)
     # Web pages and the playground (api/web.py), outside /v1 so they need no key.
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
@@ -154,5 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
+    # Inside RequestContext, so that 401 and 429 answers carry a request id too.
+    app.add_middleware(ApiKeyAuth)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     return app

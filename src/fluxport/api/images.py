@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import re
 import time
 from typing import Any
@@ -12,8 +11,19 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
+from starlette.responses import Response
 
-from fluxport.api.protocol import ErrorResponse, ImageRequest, ImagesResponse, parse_image_request
+from fluxport.api.auth import calling_key, key_auth
+from fluxport.api.idempotency import idempotency
+from fluxport.api.protocol import (
+    ErrorResponse,
+    ImageRequest,
+    ImagesResponse,
+    check_structure,
+    load_json,
+    parse_image_request,
+)
 from fluxport.domain.errors import FluxportError, InvalidRequest, NotFound, PayloadTooLarge
 from fluxport.domain.job import Operation
 from fluxport.gateway.service import Completed, ImageService, PreparedRequest
@@ -21,7 +31,7 @@ from fluxport.gateway.service import Completed, ImageService, PreparedRequest
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 502, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 429, 502, 503)
 }
 _IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
 _BRACKETS = re.compile(r"\[([^\]]*)\]")
@@ -48,21 +58,24 @@ def _service(request: Request) -> ImageService:
         }
     },
 )
-async def generations(request: Request) -> JSONResponse:
-    """Create images from a prompt (OpenAI `images.generate`)."""
+async def generations(request: Request) -> Response:
+    """Create images from a prompt (OpenAI `images.generate`). Honours `Idempotency-Key`."""
+    return await idempotency(request).run(request, lambda: _generate(request))
+
+
+async def _generate(request: Request) -> JSONResponse:
     service = _service(request)
     data: Any = None
+    key_id = _key_id(request)
     try:
         raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+        data = load_json(raw)  # strict: 400 for bad UTF-8, nesting bombs, NaN, lone surrogates
         req = parse_image_request(data)
-        prepared = await service.prepare(request.state.request_id, Operation.GENERATE, req)
+        prepared = await service.prepare(request.state.request_id, Operation.GENERATE, req, api_key_id=key_id)
+        await _check_budget(request, prepared)
     except FluxportError as exc:
         fields = data if isinstance(data, dict) else {}
-        await service.reject(request.state.request_id, Operation.GENERATE, fields, exc)
+        await service.reject(request.state.request_id, Operation.GENERATE, fields, exc, api_key_id=key_id)
         raise
     return await _run(request, service, prepared)
 
@@ -100,18 +113,37 @@ async def generations(request: Request) -> JSONResponse:
         }
     },
 )
-async def edits(request: Request) -> JSONResponse:
-    """Edit with 1-4 reference images (OpenAI `images.edit`, multipart)."""
+async def edits(request: Request) -> Response:
+    """Edit with 1-4 reference images (OpenAI `images.edit`, multipart). Honours `Idempotency-Key`."""
+    return await idempotency(request).run(request, lambda: _edit(request))
+
+
+async def _edit(request: Request) -> JSONResponse:
     service = _service(request)
     fields: dict[str, Any] = {}
+    key_id = _key_id(request)
     try:
         fields, uploads = await _read_multipart(request, service.settings.max_image_bytes)
         req = parse_image_request(fields)
-        prepared = await service.prepare(request.state.request_id, Operation.EDIT, req, uploads)
+        prepared = await service.prepare(
+            request.state.request_id, Operation.EDIT, req, uploads, api_key_id=key_id
+        )
+        await _check_budget(request, prepared)
     except FluxportError as exc:
-        await service.reject(request.state.request_id, Operation.EDIT, fields, exc)
+        await service.reject(request.state.request_id, Operation.EDIT, fields, exc, api_key_id=key_id)
         raise
     return await _run(request, service, prepared)
+
+
+def _key_id(request: Request) -> str | None:
+    key = calling_key(request)
+    return key.id if key is not None else None
+
+
+async def _check_budget(request: Request, prepared: PreparedRequest) -> None:
+    """Paid work only: a dry run costs nothing, so it is answered even over budget."""
+    if not prepared.request.dry_run:
+        await key_auth(request).check_budget(calling_key(request))
 
 
 async def _run(request: Request, service: ImageService, prepared: PreparedRequest) -> JSONResponse:
@@ -165,6 +197,8 @@ def _respond(request: Request, service: ImageService, done: Completed) -> JSONRe
     }
     if done.usage is not None:
         body["usage"] = done.usage.to_wire()
+    if done.response_format != "b64_json":
+        body["expires_at"] = done.created + service.settings.image_ttl_s  # when the links stop working
     headers = {
         "x-fluxport-provider": done.provider,
         "x-fluxport-attempts": ",".join(done.attempts),
@@ -184,12 +218,21 @@ async def _read_multipart(request: Request, max_bytes: int) -> tuple[dict[str, A
             param="image",
             code="invalid_content_type",
         )
+    parser = _StrictMultiPart(
+        request.headers, request.stream(), max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS
+    )
     try:
-        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+        form = await parser.parse()
     except PayloadTooLarge:
         raise
     except Exception as exc:  # the multipart parser raises its own types for malformed bodies
         raise InvalidRequest(f"Malformed multipart body: {exc}.", code="invalid_multipart") from None
+    if parser.not_utf8:
+        await form.close()
+        name = parser.not_utf8[0].split("[", 1)[0]
+        raise InvalidRequest(
+            f"Invalid value for '{name}': the text is not valid UTF-8.", param=name, code="invalid_encoding"
+        )
     fields: dict[str, Any] = {}
     uploads: list[bytes] = []
     try:
@@ -200,6 +243,13 @@ async def _read_multipart(request: Request, max_bytes: int) -> tuple[dict[str, A
                     raise InvalidRequest(
                         f"'{param}' is not supported by FLUX.2 edits; send reference images as 'image'.",
                         param=param,
+                    )
+                # Refused on the spooled size, before the bytes are read into memory.
+                if value.size is not None and value.size > max_bytes:
+                    raise PayloadTooLarge(
+                        f"Reference image {len(uploads) + 1} is {value.size} bytes; the limit is "
+                        f"{max_bytes} bytes.",
+                        param="image",
                     )
                 data = await value.read(max_bytes + 1)
                 if len(data) > max_bytes:
@@ -217,7 +267,26 @@ async def _read_multipart(request: Request, max_bytes: int) -> tuple[dict[str, A
                 _assign(fields, key, _coerce(value))
     finally:
         await form.close()
+    check_structure(fields)
     return fields, uploads
+
+
+class _StrictMultiPart(MultiPartParser):
+    """Starlette's parser, but a text part that is not valid UTF-8 is noted (Starlette silently
+    falls back to Latin-1) so that the request is refused naming the field."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.not_utf8: list[str] = []
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None and self._charset == "utf-8":
+            try:
+                bytes(part.data).decode("utf-8")
+            except UnicodeDecodeError:
+                self.not_utf8.append(part.field_name)
+        super().on_part_end()
 
 
 def _coerce(value: str) -> Any:
@@ -264,14 +333,22 @@ def _assign(fields: dict[str, Any], key: str, value: Any) -> None:
 )
 async def stored_image(name: str, request: Request) -> FileResponse:
     """A stored image, for `response_format=url`. The id is unguessable (192 bits)."""
+    service = _service(request)
     m = _ID.match(name)
-    row = await _service(request).db.get_image(m.group(1)) if m else None
-    if row is None or not _service(request).blobs.exists(row.path):
+    row = await service.db.get_image(m.group(1)) if m else None
+    if row is None:
+        raise NotFound("No such image (the link may be wrong or expired).", param=None)
+    # Checked here, not only by the sweep: a link is dead from the stated expires_at on.
+    created = int(row.created_at.timestamp()) if row.created_at else 0
+    remaining = created + service.settings.image_ttl_s - time.time()
+    if remaining <= 0:
+        raise NotFound("This image link has expired.", param=None, code="expired")
+    if not service.blobs.exists(row.path):
         raise NotFound("No such image (the link may be wrong or expired).", param=None)
     return FileResponse(
-        _service(request).blobs.resolve(row.path),
+        service.blobs.resolve(row.path),
         media_type=row.mime,
-        headers={"cache-control": "private, max-age=3600"},
+        headers={"cache-control": f"private, max-age={min(3600, int(remaining))}"},
         filename=name,
         content_disposition_type="inline",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -9,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fluxport.domain.errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
+# Deepest nesting accepted in a body (the OpenAI shapes need 2; extras rarely more).
+MAX_JSON_DEPTH = 32
 
 # OpenAI-only knobs with no FLUX.2 meaning: accepted so SDK calls work, reported as ignored,
 # and never forwarded to a provider (they are not the "unknown fields" that pass through).
@@ -90,6 +93,60 @@ class ImageRequest(BaseModel):
         return sorted(
             k for k, v in (self.model_extra or {}).items() if k in OPENAI_ONLY_FIELDS and v is not None
         )
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_json(raw: bytes) -> object:
+    """Decode a JSON body strictly: UTF-8 only, no NaN or Infinity, no lone surrogates (they cannot
+    be stored), nesting at most MAX_JSON_DEPTH deep. Failures are 400s, never 500s."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid UTF-8 (byte {exc.start}: {exc.reason}).", code="invalid_json"
+        ) from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequest(
+            f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+        ) from None
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError, as is _no_constant's
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+    check_structure(data)
+    return data
+
+
+def check_structure(data: object) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings with lone surrogates (a JSON escape
+    such as \\ud800), naming the top-level field they are in. Iterative: no recursion to exhaust."""
+    stack: list[tuple[object, int, str | None]] = [(data, 0, None)]
+    while stack:
+        value, depth, top = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(
+                f"Invalid value for '{top}': nested deeper than {MAX_JSON_DEPTH} levels.", param=top
+            )
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidRequest(
+                        f"Invalid value for '{top}': the text contains a lone surrogate (\\uD800-\\uDFFF).",
+                        param=top,
+                    ) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                # A key may itself hold a surrogate: name it escaped, so the error can be encoded.
+                name = top if top is not None else str(key).encode("utf-8", "backslashreplace").decode()
+                stack.append((key, depth + 1, name))
+                stack.append((item, depth + 1, name))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, top) for item in value)
 
 
 def parse_image_request(data: object) -> ImageRequest:

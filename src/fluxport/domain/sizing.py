@@ -19,9 +19,10 @@ from fluxport.domain.job import Size
 
 MAX_CUSTOM_SIDE = 14142
 _MP = 1024 * 1024
-_WXH = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
-_RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
-_TIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kK]|[mM][pP])?\s*$")
+# re.ASCII: \d would otherwise match any Unicode digit ("١٠٢٤"), which int() and float() accept.
+_WXH = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$", re.ASCII)
+_RATIO = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,12})?)\s*:\s*(\d{1,12}(?:\.\d{1,12})?)\s*$", re.ASCII)
+_TIER = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,12})?)\s*([kK]|[mM][pP])?\s*$", re.ASCII)
 
 
 @dataclass(frozen=True)

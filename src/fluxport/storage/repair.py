@@ -1,0 +1,141 @@
+"""Crash repair at start-up and the expiry sweep of stored image files.
+
+Start-up (before serving): requests a crash left queued/running become interrupted; temp files of
+interrupted atomic writes are deleted; image files without a record are deleted (no client ever got
+a link to one: the record is committed before the response is sent); records of unexpired images
+whose file is missing are removed. Expired images keep their record (for accounting) but lose
+their file: the sweep deletes it at start-up and then periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from fluxport.storage.blobs import TEMP_SUFFIX, BlobStore
+from fluxport.storage.db import Database
+
+__all__ = ["RepairReport", "expiry_cutoff", "repair_on_start", "sweep_expired", "sweep_forever"]
+
+log = logging.getLogger("fluxport.repair")
+
+
+@dataclass
+class RepairReport:
+    interrupted: int = 0
+    temp_files: int = 0
+    orphan_files: int = 0
+    missing_files: int = 0  # records removed because their file was gone
+    expired_files: int = 0  # files of expired images deleted
+    # request id -> how many of its images had lost their file
+    damaged_requests: dict[str, int] = field(default_factory=dict)
+    # Images created before this had expired and were swept: where the periodic sweep goes on.
+    cutoff: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def expiry_cutoff(ttl_s: int, now: datetime | None = None) -> datetime:
+    """Images created before this instant have expired."""
+    return (now or datetime.now(UTC)) - timedelta(seconds=ttl_s)
+
+
+def _scan(root: Path) -> tuple[set[str], list[Path]]:
+    """(relative paths of the stored files, temp files) under the blob store's root."""
+    files: set[str] = set()
+    temps: list[Path] = []
+    if not root.is_dir():
+        return files, temps
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            full = Path(directory) / name
+            if name.endswith(TEMP_SUFFIX):
+                temps.append(full)
+            else:
+                files.add(full.relative_to(root).as_posix())
+    return files, temps
+
+
+def _unlink(paths: list[Path]) -> int:
+    removed = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+async def repair_on_start(db: Database, blobs: BlobStore, *, ttl_s: int) -> RepairReport:
+    """Make the database and the blob store consistent again; run before serving, one server per
+    database and blob store. Logs what it repaired."""
+    report = RepairReport()
+    report.interrupted = await db.mark_interrupted()
+    cutoff = report.cutoff = expiry_cutoff(ttl_s)
+    files, temps = await asyncio.to_thread(_scan, blobs.root)
+    report.temp_files = await asyncio.to_thread(_unlink, temps)
+
+    missing: list[str] = []
+    expired: list[Path] = []
+    damaged: dict[str, int] = defaultdict(int)
+    recorded: set[str] = set()
+    for image_id, request_id, path, created_at in await db.image_paths():
+        recorded.add(path)
+        if created_at < cutoff:
+            if path in files:
+                expired.append(blobs.resolve(path))
+        elif path not in files:
+            missing.append(image_id)
+            damaged[request_id] += 1
+    orphans = [blobs.resolve(p) for p in sorted(files - recorded)]
+    report.orphan_files = await asyncio.to_thread(_unlink, orphans)
+    report.expired_files = await asyncio.to_thread(_unlink, expired)
+    if missing:
+        report.missing_files = await db.delete_images(missing)
+    report.damaged_requests = dict(damaged)
+
+    if report.interrupted:
+        log.warning("repair: marked %d requests left in flight as interrupted", report.interrupted)
+    if report.temp_files:
+        log.warning("repair: deleted %d temp files of interrupted writes", report.temp_files)
+    if report.orphan_files:
+        log.warning("repair: deleted %d image files that had no record", report.orphan_files)
+    for request_id, lost in sorted(damaged.items()):
+        request = await db.get_request(request_id)
+        log.warning(
+            "repair: request %s lost %d of its %s images (file missing); their records were removed",
+            request_id,
+            lost,
+            request.images if request is not None else "?",
+        )
+    if report.expired_files:
+        log.info("repair: deleted %d expired image files", report.expired_files)
+    return report
+
+
+async def sweep_expired(
+    db: Database, blobs: BlobStore, *, ttl_s: int, since: datetime | None
+) -> tuple[int, datetime]:
+    """Delete the files of images that expired since the last sweep (created in [since, cutoff));
+    the records stay. Returns (files deleted, the new cutoff: the next sweep's `since`)."""
+    cutoff = expiry_cutoff(ttl_s)
+    rows = await db.image_paths(created_from=since, created_before=cutoff)
+    deleted = await asyncio.to_thread(_unlink, [blobs.resolve(path) for _, _, path, _ in rows])
+    if deleted:
+        log.info("sweep: deleted %d expired image files", deleted)
+    return deleted, cutoff
+
+
+async def sweep_forever(
+    db: Database, blobs: BlobStore, *, ttl_s: int, interval_s: float, since: datetime
+) -> None:
+    """The periodic sweep (a lifespan task); `since`: the start-up repair's cutoff."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            _, since = await sweep_expired(db, blobs, ttl_s=ttl_s, since=since)
+        except Exception:  # a failed sweep is retried next time; it must not end the task
+            log.exception("sweep: failed; retrying in %g s", interval_s)

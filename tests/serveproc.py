@@ -1,0 +1,59 @@
+"""A real `fluxport serve` subprocess on a free port (for kill -9 and memory measurements)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+__all__ = ["rss_bytes", "serve", "stop"]
+
+_PROVIDER_KEYS = ("FAL_KEY", "FLUXPORT_FAL_KEY", "REPLICATE_API_TOKEN", "FLUXPORT_REPLICATE_API_TOKEN")
+
+
+def serve(data_dir: Path, port: int, log: Path, **env_overrides: str) -> subprocess.Popen[bytes]:
+    """Start `fluxport serve` (auth none) on `port` with `data_dir`; returns once /healthz answers."""
+    env = {k: v for k, v in os.environ.items() if k not in _PROVIDER_KEYS}
+    env |= {"FLUXPORT_DATA_DIR": str(data_dir), "FLUXPORT_AUTH": "none", "HF_HUB_OFFLINE": "1"}
+    env |= env_overrides
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fluxport.cli", "serve", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fluxport serve exited: {log.read_text(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("fluxport serve did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
