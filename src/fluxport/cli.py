@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fluxport.api.protocol import coerce_text
 from fluxport.catalog import MODELS, NOISE_NOTE
 from fluxport.domain.errors import FluxportError
 from fluxport.domain.job import Operation
@@ -232,19 +233,8 @@ def _fields(
         key, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--extra takes KEY=VALUE, got {item!r}")
-        fields[key] = _parse_value(value)
+        fields[key] = coerce_text(value)
     return fields
-
-
-def _parse_value(value: str) -> Any:
-    if value in ("true", "false"):
-        return value == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
 
 
 def _run(operation: Operation, fields: dict[str, Any], uploads: list[bytes], output: Path) -> None:

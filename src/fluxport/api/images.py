@@ -21,6 +21,7 @@ from fluxport.api.protocol import (
     ImageRequest,
     ImagesResponse,
     check_structure,
+    coerce_text,
     load_json,
     parse_image_request,
 )
@@ -264,7 +265,7 @@ async def _read_multipart(request: Request, max_bytes: int) -> tuple[dict[str, A
                     code="invalid_type",
                 )
             else:
-                _assign(fields, key, _coerce(value))
+                _assign(fields, key, coerce_text(value))
     finally:
         await form.close()
     check_structure(fields)
@@ -287,17 +288,6 @@ class _StrictMultiPart(MultiPartParser):
             except UnicodeDecodeError:
                 self.not_utf8.append(part.field_name)
         super().on_part_end()
-
-
-def _coerce(value: str) -> Any:
-    if value in ("true", "false"):
-        return value == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
 
 
 def _assign(fields: dict[str, Any], key: str, value: Any) -> None:

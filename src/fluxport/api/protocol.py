@@ -227,3 +227,15 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def coerce_text(value: str) -> Any:
+    """A text value from a form or the command line: "true"/"false" and numbers become typed."""
+    if value in ("true", "false"):
+        return value == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

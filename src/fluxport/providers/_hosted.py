@@ -22,6 +22,7 @@ from PIL import Image
 
 from fluxport.domain.errors import FluxportError, ProviderFailure, RateLimited
 from fluxport.domain.job import ReferenceImage, Size
+from fluxport.media import sniff_format
 from fluxport.providers.base import BilledCancellation, GeneratedImage, ProgressCallback, ProgressEvent, Stage
 
 if TYPE_CHECKING:
@@ -68,17 +69,6 @@ def fit_size(size: Size, lo: int, hi: int, multiple: int) -> Size:
 
 def data_uri(ref: ReferenceImage) -> str:
     return f"data:{ref.mime};base64,{base64.b64encode(ref.data).decode('ascii')}"
-
-
-def sniff_format(data: bytes) -> str | None:
-    """png / jpeg / webp from the magic bytes, else None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 _RESETS_IN = re.compile(r"resets in ~?\s*(\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
@@ -464,7 +454,7 @@ def _detail(response: httpx.Response) -> str:
 def to_image(data: bytes, provider: str, seed: int | None) -> GeneratedImage:
     """Wrap downloaded bytes; the format is sniffed and the size read from the header only."""
     fmt = sniff_format(data)
-    if fmt is None:
+    if fmt not in ("png", "jpeg", "webp"):
         raise ProviderFailure(f"{provider}: the result is not a PNG, JPEG or WebP image.")
     try:
         with Image.open(io.BytesIO(data)) as im:
