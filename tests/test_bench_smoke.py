@@ -1,0 +1,33 @@
+"""bench/load.py --quick runs end to end: the emulator, a real `fluxport serve`, both client paths.
+
+No timing assertions: the speed targets live in the benchmark's own output, not in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_load_benchmark_quick_runs_and_prints_its_table() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUXPORT_", "FAL_", "REPLICATE_"))}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--quick"],
+        cwd=ROOT,
+        env=env | {"HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{out[-3000:]}\n{done.stderr[-3000:]}"
+    for heading in ("== unloaded:", "== 20 clients:"):
+        assert heading in out, out
+    assert out.count("\ndirect ") == 2 and out.count("\nfluxport ") == 2, out
+    assert "added latency (fluxport - direct)" in out
+    assert "where the time goes (ms)" in out
+    assert "targets (" in out and "fluxport peak RSS <= 500 MiB" in out
