@@ -10,10 +10,10 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, Self, cast
 
 from alembic import command
 from alembic.config import Config
@@ -275,8 +275,19 @@ class IdempotencyRecord(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
+class _Snapshot:
+    """`Row.of(record)`: a frozen copy of an ORM record's columns, so callers never hold a
+    session-bound object (each Row's fields are named exactly like its table's columns)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, record: Any) -> Self:
+        return cls(**{f.name: getattr(record, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
-class ApiKeyRow:
+class ApiKeyRow(_Snapshot):
     """A snapshot of one `api_keys` row (never the secret)."""
 
     id: str
@@ -288,22 +299,9 @@ class ApiKeyRow:
     created_at: datetime
     revoked_at: datetime | None
 
-    @classmethod
-    def of(cls, k: ApiKeyRecord) -> ApiKeyRow:
-        return cls(
-            id=k.id,
-            name=k.name,
-            prefix=k.prefix,
-            hash=k.hash,
-            rate_limit_per_minute=k.rate_limit_per_minute,
-            monthly_budget_usd=k.monthly_budget_usd,
-            created_at=k.created_at,
-            revoked_at=k.revoked_at,
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class IdempotencyRow:
+class IdempotencyRow(_Snapshot):
     """A snapshot of one `idempotency` row."""
 
     api_key_id: str
@@ -316,21 +314,6 @@ class IdempotencyRow:
     body: str | None
     created_at: datetime
     expires_at: datetime
-
-    @classmethod
-    def of(cls, r: IdempotencyRecord) -> IdempotencyRow:
-        return cls(
-            api_key_id=r.api_key_id,
-            key=r.key,
-            body_hash=r.body_hash,
-            request_id=r.request_id,
-            state=r.state,
-            status_code=r.status_code,
-            headers=r.headers,
-            body=r.body,
-            created_at=r.created_at,
-            expires_at=r.expires_at,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +328,7 @@ class UsageTotals:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestRow:
+class RequestRow(_Snapshot):
     """A snapshot of one `requests` row."""
 
     id: str
@@ -371,36 +354,9 @@ class RequestRow:
     finished_at: datetime | None
     api_key_id: str | None = None
 
-    @classmethod
-    def of(cls, r: RequestRecord) -> RequestRow:
-        return cls(
-            id=r.id,
-            created_at=r.created_at,
-            model=r.model,
-            operation=r.operation,
-            prompt=r.prompt,
-            params=r.params,
-            provider=r.provider,
-            status=r.status,
-            error=r.error,
-            queued_ms=r.queued_ms,
-            generation_ms=r.generation_ms,
-            ttfb_ms=r.ttfb_ms,
-            total_ms=r.total_ms,
-            width=r.width,
-            height=r.height,
-            n=r.n,
-            images=r.images,
-            revised_prompt=r.revised_prompt,
-            cost_usd=r.cost_usd,
-            client_disconnected=r.client_disconnected,
-            finished_at=r.finished_at,
-            api_key_id=r.api_key_id,
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class AttemptRow:
+class AttemptRow(_Snapshot):
     """A snapshot of one `attempts` row."""
 
     id: int
@@ -421,28 +377,6 @@ class AttemptRow:
     normalization: dict[str, str] | None
     billed_usd: float | None
 
-    @classmethod
-    def of(cls, a: AttemptRecord) -> AttemptRow:
-        return cls(
-            id=a.id,
-            request_id=a.request_id,
-            provider=a.provider,
-            model=a.model,
-            status=a.status,
-            started_at=a.started_at,
-            finished_at=a.finished_at,
-            queued_ms=a.queued_ms,
-            submitted_ms=a.submitted_ms,
-            first_status_ms=a.first_status_ms,
-            ttfb_ms=a.ttfb_ms,
-            generation_ms=a.generation_ms,
-            total_ms=a.total_ms,
-            error=a.error,
-            provider_request_id=a.provider_request_id,
-            normalization=a.normalization,
-            billed_usd=a.billed_usd,
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class AttemptStats:
@@ -460,7 +394,7 @@ class AttemptStats:
 
 
 @dataclass(frozen=True, slots=True)
-class ImageRow:
+class ImageRow(_Snapshot):
     """One stored image: `path` is relative to the images dir (see `BlobStore`)."""
 
     id: str
@@ -473,21 +407,6 @@ class ImageRow:
     height: int
     bytes: int
     created_at: datetime | None = None  # set by `add_images` when None
-
-    @classmethod
-    def of(cls, i: ImageRecord) -> ImageRow:
-        return cls(
-            id=i.id,
-            request_id=i.request_id,
-            index=i.index,
-            path=i.path,
-            format=i.format,
-            mime=i.mime,
-            width=i.width,
-            height=i.height,
-            bytes=i.bytes,
-            created_at=i.created_at,
-        )
 
 
 def _check(value: str, allowed: frozenset[str], what: str) -> None:
