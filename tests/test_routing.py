@@ -278,3 +278,17 @@ def test_metrics_count_requests_attempts_and_cost(both: Any, fal: FalEmulator) -
     assert value("fluxport_attempts_total", provider="replicate", outcome="succeeded") == 1
     assert value("fluxport_request_cost_usd_total", model="flux.2-dev") == pytest.approx(0.012)
     assert "fluxport_queue_depth" in text
+
+
+def test_usage_megapixels_match_what_was_billed(both: Any, fal: FalEmulator) -> None:
+    # 1183x887 (the 4:3 1K size) is just over 1 MP, but the model generates 1184x880 on its
+    # 16-px grid, which is what fal bills: usage must say 1 MP, like the cost does.
+    server = both()
+    raw = gen(server, size="4:3", extra_body={"provider": "fal"})
+    result = raw.parse()
+    assert result.size == "1183x887"
+    usage = result.usage.model_extra or {}  # type: ignore[union-attr]
+    assert usage["output_megapixels"] == 1 and usage["cost_usd"] == pytest.approx(0.012)
+    assert fal.ledger[-1].megapixels == 1
+    dry = gen(server, size="4:3", extra_body={"provider": "fal", "dry_run": True}).parse()
+    assert (dry.usage.model_extra or {})["output_megapixels"] == 1  # type: ignore[union-attr]

@@ -27,8 +27,8 @@ from fluxport.domain.errors import (
     ServiceUnavailable,
 )
 from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
-from fluxport.domain.pricing import Usage, price, rate_for
-from fluxport.domain.sizing import SizeDecision, decide_size
+from fluxport.domain.pricing import Usage, billable_megapixels, price, rate_for
+from fluxport.domain.sizing import SizeDecision, decide_size, generation_grid
 from fluxport.gateway.router import BreakerState, Router, Strategy
 from fluxport.metrics import Metrics
 from fluxport.providers.base import (
@@ -466,11 +466,14 @@ class ImageService:
         return [(by_name[c.name], c.price_usd) for c in ranked]
 
     def estimate(self, provider: Provider, job: ImageJob) -> Usage:
-        """The cost of `job` on `provider`: each call of the fan-out bills its own references."""
+        """The cost of `job` on `provider`: each call of the fan-out bills its own references, and
+        images are billed at the size the model generates (its latent grid), not the delivered one."""
         per_call = max(1, provider.capabilities(job.model).max_images_per_call)
         rate = rate_for(provider.name, job.model, self.settings)
         refs = [r.size for r in job.references]
-        parts = [price(rate, [job.size] * min(per_call, job.n - i), refs) for i in range(0, job.n, per_call)]
+        spec = find_model(job.model)
+        out = generation_grid(job.size, spec.limits) if spec else job.size
+        parts = [price(rate, [out] * min(per_call, job.n - i), refs) for i in range(0, job.n, per_call)]
         return _sum_usage(parts)
 
     async def _route(
@@ -803,11 +806,12 @@ class ImageService:
             )
             stored.append(StoredImage(image_id, f"/images/{image_id}.{ext}", enc, _seed_of(img, job, index)))
         await self.db.add_images(rows)
-        delivered = self.estimate(provider, job)
+        # Megapixels as billed: what the provider generated, and the references of each of its calls.
+        estimate = self.estimate(provider, job)
         usage = Usage(
             images=len(stored),
-            input_megapixels=delivered.input_megapixels,
-            output_megapixels=delivered.output_megapixels,
+            input_megapixels=estimate.input_megapixels,
+            output_megapixels=sum(billable_megapixels(img.size) for img in result.images),
             cost_usd=ledger.total,
         )
         await self.db.finish_request(
