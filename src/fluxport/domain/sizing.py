@@ -175,8 +175,9 @@ def decide_size(
 def generation_grid(size: Size, limits: SizeLimits) -> Size:
     """The nearest size on the model's latent grid within its pixel cap (the service resamples the rest)."""
     m = limits.multiple
-    w = max(m, round(size.width / m) * m)
-    h = max(m, round(size.height / m) * m)
+    # Halves round up (not Python's round-half-to-even), so the grid is predictable.
+    w = max(m, math.floor(size.width / m + 0.5) * m)
+    h = max(m, math.floor(size.height / m + 0.5) * m)
     if w * h > limits.max_pixels:  # rounding up both sides can overshoot the cap by a row
         if w >= h:
             w = max(m, w - m)

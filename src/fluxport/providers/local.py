@@ -19,8 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fluxport.catalog import SizeLimits, find_model
 from fluxport.domain.errors import FluxportError, InvalidRequest, ProviderFailure, RateLimited
 from fluxport.domain.job import OUTPUT_FORMATS, ImageJob, Size
+from fluxport.domain.sizing import generation_grid
 from fluxport.providers.base import (
     AttemptTimings,
     Behaviour,
@@ -64,11 +66,6 @@ _CUDA_OOM_NAMES = ("OutOfMemoryError", "AcceleratorError")
 def local_extra_installed() -> bool:
     """Whether torch, diffusers and transformers can be imported (without importing them)."""
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "diffusers", "transformers"))
-
-
-def snap(value: int) -> int:
-    """The nearest multiple of the 16-px latent grid (halves round up), at least one cell."""
-    return max(GRID, math.floor(value / GRID + 0.5) * GRID)
 
 
 class _Cancelled(Exception):
@@ -475,7 +472,10 @@ class LocalProvider:
             guidance = _float_extra(extras, "guidance_scale")
             norm["guidance_scale"] = Behaviour.PASSTHROUGH
 
-        width, height = snap(job.size.width), snap(job.size.height)
+        # The same grid the service prices with: nearest multiple of 16 within the 4 MP cap.
+        spec = find_model(job.model)
+        grid = generation_grid(job.size, spec.limits) if spec else generation_grid(job.size, SizeLimits())
+        width, height = grid.width, grid.height
         norm["size"] = Behaviour.PASSTHROUGH if Size(width, height) == job.size else Behaviour.CONVERTED
         norm["seed"] = Behaviour.PASSTHROUGH
         norm["n"] = Behaviour.PASSTHROUGH
