@@ -841,15 +841,13 @@ class ImageService:
             output_format=job.output_format,
             response_format=job.response_format,
             revised_prompt=result.revised_prompt,
-            normalization=self._report(p, caps, result, provider),
+            normalization=self._report(p, caps, result),
             attempts=tried,
             usage=usage,
             created=created,
         )
 
-    def _report(
-        self, p: PreparedRequest, caps: Capabilities, result: ProviderResult, provider: Provider
-    ) -> dict[str, str]:
+    def _report(self, p: PreparedRequest, caps: Capabilities, result: ProviderResult) -> dict[str, str]:
         """param -> passthrough / renamed / converted / emulated (or ignored): x-fluxport-normalization."""
         job, req = p.job, p.request
         report: dict[str, str] = {k: v.value for k, v in result.normalization.items()}
