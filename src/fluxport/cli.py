@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,22 @@ def serve(
             "Auth: API keys (Authorization: Bearer fp_...); manage them with `fluxport keys`. "
             "a first key is created and printed below if none exists."
         )
+    _raise_open_file_limit()
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+
+def _raise_open_file_limit() -> None:
+    """Every client and every provider call holds a socket: lift the soft limit (often 1024) to the
+    hard one, so that hundreds of concurrent requests do not fail with 'too many open files'."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _safe_url(url: str) -> str:

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         default=0.25, gt=0, description="First status poll; then backs off."
     )
     hosted_max_poll_interval_s: float = Field(default=2.0, gt=0, description="Longest gap between polls.")
+    hosted_max_connections: int = Field(
+        default=1024,
+        ge=4,
+        description="Kept-alive connections per hosted provider (bounds its requests in flight).",
+    )
 
     # Routing: candidates are ordered from live stats; failover, circuit breaker, hedging, deadline.
     router_strategy: Literal["balanced", "fastest", "cheapest"] = "balanced"

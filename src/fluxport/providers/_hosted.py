@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from PIL import Image
 
 from fluxport.domain.errors import FluxportError, ProviderFailure, RateLimited
@@ -48,6 +49,10 @@ class HttpPolicy:
     cancel_timeout_s: float = 5.0
     max_image_bytes: int = 64 * 1024 * 1024
     download_timeout_s: float = 120.0  # one whole image download, redirects included
+    # Connections to one provider, all kept alive between calls: a request holds one while it
+    # submits, waits on the status stream, fetches and downloads, so this bounds requests in flight
+    # per provider without reconnecting (httpx's default keeps only 20 alive, then reconnects).
+    max_connections: int = 1024
 
 
 def fit_size(size: Size, lo: int, hi: int, multiple: int) -> Size:
@@ -234,8 +239,13 @@ class Http:
         self.policy = policy
         self.guard = guard or DownloadGuard.of(_DEFAULT_DOWNLOAD_HOSTS)
         self._own = client is None
+        limits = httpx.Limits(
+            max_connections=policy.max_connections, max_keepalive_connections=policy.max_connections
+        )
         self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(policy.timeout_s), follow_redirects=True
+            timeout=httpx.Timeout(policy.timeout_s),
+            transport=AiohttpTransport(limits=limits),
+            follow_redirects=True,
         )
         self._background: set[asyncio.Task[bool]] = set()
 

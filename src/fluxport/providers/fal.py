@@ -74,15 +74,15 @@ class FalProvider:
         client: httpx.AsyncClient | None = None,
         policy: HttpPolicy | None = None,
         status_stream: bool = True,
-        max_streams: int = 64,
+        max_streams: int | None = None,
     ) -> None:
         self._key = settings.fal_key
         self._base = settings.fal_url.rstrip("/")
         self.policy = policy or HttpPolicy()
         self.status_stream = status_stream  # False: poll the status URL only
-        # Each open stream holds a pooled connection for the whole wait (httpx's pool defaults to
-        # 100): beyond this many waits at once, the others poll so submits and results still flow.
-        self.max_streams = max_streams
+        # Each open stream holds a pooled connection for the whole wait: beyond this many waits at
+        # once (default: three quarters of the pool), the others poll so submits and results flow.
+        self.max_streams = max_streams if max_streams is not None else self.policy.max_connections * 3 // 4
         self._streams = 0
         self._http = Http(self.name, self.policy, client, DownloadGuard.from_settings(settings))
 

@@ -15,6 +15,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
     policy = HttpPolicy(
         poll_interval_s=settings.hosted_poll_interval_s,
         max_poll_interval_s=max(settings.hosted_max_poll_interval_s, settings.hosted_poll_interval_s),
+        max_connections=settings.hosted_max_connections,
     )
     providers: list[Provider] = [
         LocalProvider(settings),
