@@ -18,9 +18,10 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fluxport.storage.blobs import TEMP_SUFFIX, BlobStore, new_image_id
 from fluxport.storage.db import (
@@ -726,3 +727,76 @@ async def test_a_database_at_revision_0001_upgrades_to_head(tmp_path: Path) -> N
         assert row is not None and row.cost_usd == 0.5
     finally:
         await db.close()
+
+
+# Group commit (storage/writer.py): the records of concurrent requests share transactions.
+
+
+def _count_commits(db: Database) -> list[int]:
+    """Every COMMIT the writer's engine makes, from now on."""
+    engine = db._writer.runner.engine
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    commits: list[int] = []
+    event.listen(sync_engine, "commit", lambda conn: commits.append(1))
+    return commits
+
+
+async def test_concurrent_writes_share_a_few_transactions(db: Database) -> None:
+    commits = _count_commits(db)
+    ids = [f"req_group_{i}" for i in range(60)]
+    await asyncio.gather(*(_new_request(db, rid) for rid in ids))
+    assert 1 <= len(commits) <= 3, len(commits)
+    rows = [await db.get_request(rid) for rid in ids]
+    assert all(row is not None and row.prompt == "a lighthouse at dusk" for row in rows)
+
+
+async def test_one_failing_write_does_not_sink_its_batch(db: Database) -> None:
+    taken = await _new_request(db)
+    fresh = [f"req_fresh_{i}" for i in range(5)]
+    outcomes = await asyncio.gather(
+        *(_new_request(db, rid) for rid in fresh[:2]),
+        _new_request(db, taken),  # the same id again: this write alone fails
+        db.finish_request(
+            "req_missing",
+            status="failed",
+            provider=None,
+            error=None,
+            queued_ms=None,
+            generation_ms=None,
+            ttfb_ms=None,
+            total_ms=None,
+            width=None,
+            height=None,
+            images=0,
+            revised_prompt=None,
+        ),
+        *(_new_request(db, rid) for rid in fresh[2:]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[2], IntegrityError)
+    assert isinstance(outcomes[3], LookupError) and "req_missing" in str(outcomes[3])
+    assert [o for i, o in enumerate(outcomes) if i not in (2, 3)] == fresh
+    for rid in fresh:
+        assert await db.get_request(rid) is not None
+
+
+async def test_a_cancelled_caller_still_gets_its_record_written(target: Target) -> None:
+    database = await target.open()
+    try:
+        rid = f"req_{secrets.token_hex(8)}"
+        task = asyncio.create_task(_new_request(database, rid))
+        await asyncio.sleep(0)  # queued: the caller now waits for the commit
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        queued = asyncio.create_task(_new_request(database, rid + "_closing"))
+        await asyncio.sleep(0)
+    finally:
+        await database.close()  # commits what is queued before it returns
+    assert queued.done() and queued.result() == rid + "_closing"
+    reopened = await target.open()
+    try:
+        assert await reopened.get_request(rid) is not None
+        assert await reopened.get_request(rid + "_closing") is not None
+    finally:
+        await reopened.close()

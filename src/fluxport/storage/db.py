@@ -29,24 +29,29 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    bindparam,
     case,
     delete,
     event,
     false,
     func,
+    insert,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import URL, Connection, CursorResult, make_url
+from sqlalchemy.engine import URL, Connection, CursorResult, Engine, create_engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
+
+from fluxport.storage.writer import GroupCommit, Op
 
 __all__ = [
     "ATTEMPT_STATUSES",
@@ -458,6 +463,13 @@ def make_engine(url: str | URL, *, schema: str | None = None) -> AsyncEngine:
     return engine
 
 
+def _sync_sqlite_engine(url: URL) -> Engine:
+    """The same SQLite file through the synchronous driver, with the same pragmas."""
+    engine = create_engine(url.set(drivername="sqlite+pysqlite"))
+    event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
 def alembic_config() -> Config:
     """An Alembic config built in code, so that no alembic.ini is needed at runtime."""
     cfg = Config()
@@ -486,15 +498,32 @@ async def _migrate(engine: AsyncEngine, schema: str | None) -> None:
         await conn.run_sync(_upgrade_to_head)
 
 
+# The writes every request makes, as Core statements built once: the values come with each
+# execution, so the compiled SQL is cached and nothing is rebuilt per request.
+_requests = cast(Table, RequestRecord.__table__)
+_attempts = cast(Table, AttemptRecord.__table__)
+_INSERT_REQUEST: Final = insert(_requests)
+_UPDATE_REQUEST: Final = update(_requests).where(_requests.c.id == bindparam("request_id_"))
+_INSERT_ATTEMPT: Final = insert(_attempts)
+_UPDATE_ATTEMPT: Final = update(_attempts).where(_attempts.c.id == bindparam("attempt_id_"))
+_INSERT_IMAGE: Final = insert(cast(Table, ImageRecord.__table__))
+
+
 class Database:
     """Async data access for requests, attempts and images."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        sqlite = engine.dialect.name == "sqlite"
         # SQLite has one writer per file: queueing our own writers here is cheaper than SQLite's
         # busy-wait backoff; busy_timeout still covers other processes (CLI, a second server).
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self._write_lock = asyncio.Lock() if sqlite else None
+        # The records every request writes go through group commit (storage/writer.py); SQLite's
+        # batches run on the synchronous driver in one thread.
+        self._writer = GroupCommit.for_engine(
+            engine, (lambda: _sync_sqlite_engine(engine.url)) if sqlite else None, self._write_lock
+        )
 
     @classmethod
     async def open(cls, url: str, *, schema: str | None = None) -> Database:
@@ -508,6 +537,7 @@ class Database:
         return cls(engine)
 
     async def close(self) -> None:
+        await self._writer.aclose()
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -518,11 +548,6 @@ class Database:
         else:
             async with self._write_lock, self.sessions.begin() as session:
                 yield session
-
-    async def _update_one(self, session: AsyncSession, stmt: Any, what: str) -> None:
-        result = cast(CursorResult[Any], await session.execute(stmt))
-        if result.rowcount == 0:
-            raise LookupError(f"no such {what}")
 
     # Requests
 
@@ -541,28 +566,24 @@ class Database:
         """Record a new request (queued, or already running when it starts at once)."""
         _check(operation, OPERATIONS, "operation")
         _check(status, frozenset(_REQUEST_IN_FLIGHT), "initial request status")
-        async with self._write() as session:
-            session.add(
-                RequestRecord(
-                    id=id,
-                    created_at=_utcnow(),
-                    model=model,
-                    operation=operation,
-                    prompt=prompt,
-                    params=params,
-                    status=status,
-                    n=n,
-                    images=0,
-                    client_disconnected=False,
-                    api_key_id=api_key_id,
-                )
-            )
+        values = dict(
+            id=id,
+            created_at=_utcnow(),
+            model=model,
+            operation=operation,
+            prompt=prompt,
+            params=params,
+            status=status,
+            n=n,
+            images=0,
+            client_disconnected=False,
+            api_key_id=api_key_id,
+        )
+        await self._writer.write(Op(_INSERT_REQUEST, values))
 
     async def set_request_status(self, request_id: str, status: str) -> None:
         _check(status, REQUEST_STATUSES, "request status")
-        async with self._write() as session:
-            stmt = update(RequestRecord).where(RequestRecord.id == request_id).values(status=status)
-            await self._update_one(session, stmt, f"request {request_id!r}")
+        await self._update_request(request_id, status=status)
 
     async def finish_request(
         self,
@@ -583,34 +604,29 @@ class Database:
     ) -> None:
         """Record the outcome (succeeded / failed / rejected / interrupted) and stamp finished_at."""
         _check(status, _REQUEST_FINAL, "final request status")
-        async with self._write() as session:
-            stmt = (
-                update(RequestRecord)
-                .where(RequestRecord.id == request_id)
-                .values(
-                    status=status,
-                    provider=provider,
-                    error=error,
-                    queued_ms=queued_ms,
-                    generation_ms=generation_ms,
-                    ttfb_ms=ttfb_ms,
-                    total_ms=total_ms,
-                    width=width,
-                    height=height,
-                    images=images,
-                    revised_prompt=revised_prompt,
-                    cost_usd=cost_usd,
-                    finished_at=_utcnow(),
-                )
-            )
-            await self._update_one(session, stmt, f"request {request_id!r}")
+        await self._update_request(
+            request_id,
+            status=status,
+            provider=provider,
+            error=error,
+            queued_ms=queued_ms,
+            generation_ms=generation_ms,
+            ttfb_ms=ttfb_ms,
+            total_ms=total_ms,
+            width=width,
+            height=height,
+            images=images,
+            revised_prompt=revised_prompt,
+            cost_usd=cost_usd,
+            finished_at=_utcnow(),
+        )
 
     async def mark_client_disconnected(self, request_id: str) -> None:
-        async with self._write() as session:
-            stmt = (
-                update(RequestRecord).where(RequestRecord.id == request_id).values(client_disconnected=True)
-            )
-            await self._update_one(session, stmt, f"request {request_id!r}")
+        await self._update_request(request_id, client_disconnected=True)
+
+    async def _update_request(self, request_id: str, **values: Any) -> None:
+        values["request_id_"] = request_id
+        await self._writer.write(Op(_UPDATE_REQUEST, values, one_row=True, what=f"request {request_id!r}"))
 
     async def get_request(self, request_id: str) -> RequestRow | None:
         async with self.sessions() as session:
@@ -642,17 +658,15 @@ class Database:
         self, *, request_id: str, provider: str, model: str, started_at: datetime | None = None
     ) -> int:
         """Record a running attempt; returns its id. `started_at` (default now) is for imports and tests."""
-        record = AttemptRecord(
+        values = dict(
             request_id=request_id,
             provider=provider,
             model=model,
             status="running",
             started_at=started_at or _utcnow(),
         )
-        async with self._write() as session:
-            session.add(record)
-            await session.flush()
-        return record.id
+        (attempt_id,) = await self._writer.write(Op(_INSERT_ATTEMPT, values))
+        return int(attempt_id)
 
     async def finish_attempt(
         self,
@@ -672,26 +686,22 @@ class Database:
     ) -> None:
         """Record an attempt's outcome (succeeded / failed / cancelled) and stamp finished_at."""
         _check(status, _ATTEMPT_FINAL, "final attempt status")
-        async with self._write() as session:
-            stmt = (
-                update(AttemptRecord)
-                .where(AttemptRecord.id == attempt_id)
-                .values(
-                    status=status,
-                    error=error,
-                    queued_ms=queued_ms,
-                    submitted_ms=submitted_ms,
-                    first_status_ms=first_status_ms,
-                    ttfb_ms=ttfb_ms,
-                    generation_ms=generation_ms,
-                    total_ms=total_ms,
-                    provider_request_id=provider_request_id,
-                    normalization=normalization,
-                    billed_usd=billed_usd,
-                    finished_at=_utcnow(),
-                )
-            )
-            await self._update_one(session, stmt, f"attempt {attempt_id}")
+        values = dict(
+            status=status,
+            error=error,
+            queued_ms=queued_ms,
+            submitted_ms=submitted_ms,
+            first_status_ms=first_status_ms,
+            ttfb_ms=ttfb_ms,
+            generation_ms=generation_ms,
+            total_ms=total_ms,
+            provider_request_id=provider_request_id,
+            normalization=normalization,
+            billed_usd=billed_usd,
+            finished_at=_utcnow(),
+            attempt_id_=attempt_id,
+        )
+        await self._writer.write(Op(_UPDATE_ATTEMPT, values, one_row=True, what=f"attempt {attempt_id}"))
 
     async def list_attempts(self, request_id: str) -> list[AttemptRow]:
         """A request's attempts in the order they started."""
@@ -801,22 +811,22 @@ class Database:
         if not images:
             return
         now = _utcnow()
-        async with self._write() as session:
-            session.add_all(
-                ImageRecord(
-                    id=i.id,
-                    request_id=i.request_id,
-                    index=i.index,
-                    path=i.path,
-                    format=i.format,
-                    mime=i.mime,
-                    width=i.width,
-                    height=i.height,
-                    bytes=i.bytes,
-                    created_at=i.created_at or now,
-                )
-                for i in images
+        rows = [
+            dict(
+                id=i.id,
+                request_id=i.request_id,
+                index=i.index,
+                path=i.path,
+                format=i.format,
+                mime=i.mime,
+                width=i.width,
+                height=i.height,
+                bytes=i.bytes,
+                created_at=i.created_at or now,
             )
+            for i in images
+        ]
+        await self._writer.write(Op(_INSERT_IMAGE, rows))
 
     async def get_image(self, image_id: str) -> ImageRow | None:
         async with self.sessions() as session:
