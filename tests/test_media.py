@@ -504,3 +504,37 @@ def test_palette_with_transparency_becomes_rgba() -> None:
 def test_truncated_images_are_not_padded_globally() -> None:
     # The guard depends on Pillow's default; something switching it on would disable it everywhere.
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "side"),
+    [
+        (truncated_png(), "png", 256),
+        (_bad_png_crc(), "png", 128),
+        (_png_without_iend(), "png", 128),
+        (_png_bad_idat_checksum(), "png", 128),
+        (_corrupt_jpeg(), "jpeg", 256),
+        (_corrupt_webp(), "webp", 256),
+    ],
+    ids=[
+        "png-truncated",
+        "png-bad-crc",
+        "png-no-iend",
+        "png-idat-checksum",
+        "jpeg-truncated",
+        "webp-truncated",
+    ],
+)
+def test_a_damaged_result_is_not_passed_through(data: bytes, fmt: str, side: int) -> None:
+    """A result already in the asked format and size is passed through without decoding its pixels,
+    but only once it is checked whole: a damaged one fails (and the request goes elsewhere)."""
+    with pytest.raises(ValueError, match=f"unreadable {fmt}"):
+        finalize_image(GeneratedImage(data, side, side, fmt), Size(side, side), fmt, None)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_a_whole_result_is_passed_through_byte_for_byte(fmt: str) -> None:
+    data = encode(textured_image(160, 96), fmt)
+    result = finalize_image(GeneratedImage(data, 160, 96, fmt), Size(160, 96), fmt, None)
+    assert result.data is data
+    assert (result.width, result.height, result.format) == (160, 96, fmt)

@@ -148,6 +148,43 @@ def _load_fully(data: bytes, im: ImageFile.ImageFile, fmt: str) -> None:
         raise _Unreadable(str(exc) or type(exc).__name__) from exc
 
 
+def _check_complete(data: bytes, fmt: str) -> None:
+    """Catch a truncated or damaged file without decoding its pixels: PNG chunk CRCs through IEND,
+    JPEG's end-of-image marker, WebP's RIFF length. (A pass-through result never needs its pixels.)"""
+    if fmt == "png":
+        try:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as checker:
+                checker.verify()
+        except Exception as exc:  # Pillow raises many exception types on corrupt chunks
+            raise _Unreadable(str(exc) or type(exc).__name__) from exc
+    elif fmt == "jpeg":
+        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise _Unreadable("the JPEG data ends before its end-of-image marker (truncated)")
+    elif fmt == "webp":
+        declared = int.from_bytes(data[4:8], "little") + 8
+        if len(data) < declared:
+            raise _Unreadable(f"the WebP file is {len(data)} bytes of {declared} (truncated)")
+    else:
+        raise _Unreadable(f"no completeness check for {fmt}; decode it instead")
+
+
+def check_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
+    """(format, width, height) of a provider's PNG, JPEG or WebP result that is whole and within the
+    pixel limit, from its header and structure only; raise ValueError otherwise."""
+    fmt = sniff_format(data)
+    if fmt not in ("png", "jpeg", "webp"):
+        raise ValueError("not a PNG, JPEG or WebP image")
+    try:
+        with _open_header(data, fmt, max_pixels) as im:
+            width, height = im.size
+        _check_complete(data, fmt)
+    except _TooManyPixels as exc:
+        raise ValueError(f"image too large: {exc}") from exc
+    except _Unreadable as exc:
+        raise ValueError(f"unreadable {fmt} image: {exc}") from exc
+    return fmt, width, height
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode a provider's result bytes with the bomb guard; raise ValueError if it is not an image."""
     fmt = sniff_format(data)
@@ -354,16 +391,18 @@ def finalize_image(
 
     content = image.content
     if isinstance(content, bytes):
-        # Decoded even when passed through: a truncated or corrupt result must fail here (and be
-        # retried elsewhere), not reach the client. The decode is small next to the provider call.
-        pixels: Image.Image = decode_image(content, max_pixels=max_pixels)
         if (
             sniff_format(content) == output_format
+            and output_format in ("png", "jpeg", "webp")
             and (compression is None or not lossy)
-            and pixels.size == target
+            and (image.width, image.height) == target
         ):
-            pixels.close()
-            return EncodedImage(content, output_format, size.width, size.height)
+            # Passed through untouched: checked whole (a truncated or corrupt result must fail
+            # here, and be retried elsewhere, not reach the client) without decoding its pixels.
+            _, width, height = check_image(content, max_pixels=max_pixels)
+            if (width, height) == target:
+                return EncodedImage(content, output_format, size.width, size.height)
+        pixels: Image.Image = decode_image(content, max_pixels=max_pixels)
     else:
         pixels = content
 
