@@ -204,6 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await service.drain(grace_s=30)
             for provider in providers.values():
                 await provider.aclose()
+            await asyncio.to_thread(blobs.close)
             await db.close()
 
     app = FastAPI(

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -18,6 +19,7 @@ __all__ = ["TEMP_SUFFIX", "BlobStore", "new_image_id"]
 TEMP_SUFFIX: Final = ".tmp"
 _IMAGE_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EXT: Final = re.compile(r"[a-z0-9]{1,10}")
+WRITE_THREADS: Final = 16
 
 
 def new_image_id() -> str:
@@ -30,6 +32,9 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
+        # Writes wait on fsync, not on the CPU: their own threads, so that a burst of saves under
+        # load does not queue the shared default executor (image codecs, DNS look-ups) behind them.
+        self._writers = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="fluxport-blob")
 
     @staticmethod
     def relative_path(image_id: str, ext: str) -> str:
@@ -58,8 +63,12 @@ class BlobStore:
     async def save(self, image_id: str, data: bytes, ext: str) -> str:
         """Write atomically and durably; returns the path relative to the root."""
         rel = self.relative_path(image_id, ext)
-        await asyncio.to_thread(self._write, self.resolve(rel), data)
+        await asyncio.get_running_loop().run_in_executor(self._writers, self._write, self.resolve(rel), data)
         return rel
+
+    def close(self) -> None:
+        """Finish the writes in progress and stop the writer threads."""
+        self._writers.shutdown(wait=True)
 
     async def read(self, path: str) -> bytes:
         return await asyncio.to_thread(self.resolve(path).read_bytes)
