@@ -295,6 +295,25 @@ async def test_cancelling_the_call_cancels_the_request_and_it_is_not_billed(
     assert emu.ledger == []
 
 
+async def test_cancelling_during_the_submit_still_cancels_the_job(emu: FalEmulator, fal: FalProvider) -> None:
+    """Cancelled before fal has answered the submit: the job is created all the same (the submit is
+    on its way), so the adapter waits for its answer and cancels it, rather than leave it billed."""
+    emu.config.run = 0.4
+    task = asyncio.create_task(fal.generate(make_job(), lambda e: None))
+    for _ in range(3):
+        await asyncio.sleep(0)  # the submit has started; its answer has not come
+    assert not emu.requests_to("GET")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [job] = emu.jobs.values()
+    [cancel] = emu.requests_to("PUT")
+    assert cancel.path == f"/fal-ai/flux-2/requests/{job.id}/cancel"
+    assert job.cancelled
+    await asyncio.sleep(max(0.0, job.done_at - time.monotonic()) + 0.05)
+    assert emu.ledger == []
+
+
 async def test_a_poll_failure_also_cancels_the_request(emu: FalEmulator, fal: FalProvider) -> None:
     emu.config.run = 1.0
     emu.script(Fault(FaultKind.UNAVAILABLE, at="status"))

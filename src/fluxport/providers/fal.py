@@ -168,9 +168,20 @@ class FalProvider:
         t0 = time.monotonic()
         timings = AttemptTimings()
         report = Progress(progress)
-        response = await self._http.request(
-            "POST", f"{self._base}/{endpoint}", idempotent=False, json=body, headers=self._headers()
+        submit = asyncio.ensure_future(
+            self._http.request(
+                "POST", f"{self._base}/{endpoint}", idempotent=False, json=body, headers=self._headers()
+            )
         )
+        try:
+            response = await asyncio.shield(submit)
+        except asyncio.CancelledError as exc:
+            # Cancelled mid-submit (a hedge loser, a request that could not be recorded): the job
+            # may exist upstream already. fal answers a submit at once, so wait for that answer
+            # and cancel the job, rather than leave it to run and be billed.
+            billed = await self._http.cancel_shielded(self._abandon_submit(submit))
+            self._http.reraise_abandoned(exc, billed)
+            raise
         if response.status_code >= 400:
             raise _client_error(response)
         submitted = self._http.json(response, "submit")
@@ -337,6 +348,28 @@ class FalProvider:
             normalization=norm,
             provider_request_id=request_id,
         )
+
+    async def _abandon_submit(self, submit: asyncio.Future[httpx.Response]) -> bool:
+        """Cancel the job a cancelled submit created, once its answer names it; True if billed."""
+        try:
+            async with asyncio.timeout(self.policy.cancel_timeout_s):
+                response = await submit
+        except TimeoutError:
+            submit.cancel()
+            log.warning("fal: no submit answer to cancel within %g s", self.policy.cancel_timeout_s)
+            return False
+        except Exception:  # the submit itself failed: no job was created
+            return False
+        if response.status_code >= 400:
+            return False
+        try:
+            submitted = response.json()
+        except ValueError:
+            return False
+        cancel_url, request_id = submitted.get("cancel_url"), submitted.get("request_id")
+        if not isinstance(cancel_url, str) or not isinstance(request_id, str):
+            return False
+        return await self._cancel(cancel_url, request_id)
 
     async def _cancel(self, cancel_url: str, request_id: str) -> bool:
         """PUT the cancel; True when fal says the request had already completed (it is billed)."""
