@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sqlite3
 import time
 from pathlib import Path
 
@@ -109,3 +110,36 @@ def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
         assert "429" in outcomes and "ok" in outcomes
     finally:
         live.stop()
+
+
+def test_a_request_that_cannot_be_recorded_is_not_run(tmp_path: Path) -> None:
+    """The record is committed while the first provider call starts; if the database refuses it,
+    the call is cancelled upstream and the client gets a 503 to retry, not an unrecorded image."""
+    from tests.emulators import EmulatorConfig, FalEmulator
+
+    fal = FalEmulator(EmulatorConfig(queue=0.0, run=0.5, seed=3), key="fk")
+    fal.start()
+    live = start_server(tmp_path, fal_key="fk", fal_url=fal.base_url)
+    try:
+        database = live.settings.resolved_database_url.split(":///", 1)[1]
+        with sqlite3.connect(database) as conn:  # the database itself refuses: no mock in fluxport
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON requests WHEN NEW.prompt = 'refused' "
+                "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+            )
+        client = live.client(max_retries=0)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.images.generate(model="flux.2-dev", prompt="refused", size="512x512")
+        assert info.value.status_code == 503
+        assert info.value.response.headers["retry-after"] == "1"
+        body = info.value.body
+        assert isinstance(body, dict) and body["code"] == "storage_unavailable"
+        jobs = list(fal.jobs.values())
+        assert len(jobs) <= 1 and all(job.cancelled for job in jobs)  # submitted at most, then cancelled
+        # The next request is recorded and runs as usual.
+        ok = client.images.with_raw_response.generate(model="flux.2-dev", prompt="fine", size="512x512")
+        row, attempts = fetch_request(live, ok.headers["x-request-id"])
+        assert row is not None and row.status == "succeeded" and [a.status for a in attempts] == ["succeeded"]
+    finally:
+        live.stop()
+        fal.stop()

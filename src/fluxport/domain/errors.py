@@ -106,6 +106,17 @@ class ServiceUnavailable(FluxportError):
         super().__init__(message, param=param, headers={"x-should-retry": "false"})
 
 
+class StorageUnavailable(FluxportError):
+    """The database refused the request's record: it is not run (nothing unrecorded is generated)."""
+
+    status = 503
+    type = "server_error"
+    code = "storage_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"retry-after": "1"})
+
+
 class ProviderFailure(FluxportError):
     """The provider's fault (5xx, timeout, connection fault, malformed answer): retriable elsewhere."""
 

@@ -25,6 +25,7 @@ from fluxport.domain.errors import (
     ProviderFailure,
     RateLimited,
     ServiceUnavailable,
+    StorageUnavailable,
 )
 from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
 from fluxport.domain.pricing import Usage, billable_megapixels, price, rate_for
@@ -329,7 +330,7 @@ class ImageService:
         model = fields.get("model") if isinstance(fields.get("model"), str) else None
         prompt = fields.get("prompt") if isinstance(fields.get("prompt"), str) else ""
         safe = {k: v for k, v in fields.items() if k != "prompt" and isinstance(v, str | int | float | bool)}
-        await self.db.create_request(
+        created = self.db.create_request(
             id=request_id,
             model=(model or self.settings.default_model)[:200],
             operation=operation.value,
@@ -338,7 +339,7 @@ class ImageService:
             n=1,
             api_key_id=api_key_id,
         )
-        await self.db.finish_request(
+        finished = self.db.finish_request(
             request_id,
             status="rejected",
             provider=None,
@@ -352,6 +353,7 @@ class ImageService:
             images=0,
             revised_prompt=None,
         )
+        await asyncio.gather(created, finished)  # queued together: one transaction
         # Label with the canonical id (or "unknown"), so a client cannot mint metric series.
         spec = find_model(model or self.settings.default_model)
         self.metrics.observe_request(spec.id if spec else "unknown", operation.value, "rejected", 0.0, None)
@@ -364,7 +366,7 @@ class ImageService:
         chosen = next((prov for prov, _ in ranked if self.router.admit(prov.name, p.job.model)), ranked[0][0])
         self.router.release_probe(chosen.name, p.job.model)  # a dry run is no probe
         job = p.job
-        await self.db.create_request(
+        created = self.db.create_request(
             id=job.request_id,
             model=job.model,
             operation=job.operation.value,
@@ -374,7 +376,7 @@ class ImageService:
             api_key_id=p.api_key_id,
         )
         usage = self.estimate(chosen, job)
-        await self.db.finish_request(
+        finished = self.db.finish_request(
             job.request_id,
             status="dry_run",
             provider=chosen.name,
@@ -389,6 +391,7 @@ class ImageService:
             revised_prompt=None,
             cost_usd=0.0,
         )
+        await asyncio.gather(created, finished)
         self.metrics.observe_request(job.model, job.operation.value, "dry_run", 0.0, 0.0)
         return DryRun(
             provider=chosen.name,
@@ -400,9 +403,13 @@ class ImageService:
     async def submit(
         self, prepared: PreparedRequest, progress: ProgressCallback = no_progress
     ) -> asyncio.Task[Completed]:
-        """Record the request, then run it in a task the service owns (safe from client disconnects)."""
+        """Record the request and run it in a task the service owns (safe from client disconnects).
+
+        The record is queued first and committed while the first provider call starts (they take
+        about as long), not before it: the task fails, and cancels that call, if the record fails.
+        """
         job = prepared.job
-        await self.db.create_request(
+        created = self.db.create_request(
             id=job.request_id,
             model=job.model,
             operation=job.operation.value,
@@ -412,7 +419,9 @@ class ImageService:
             status="running",
             api_key_id=prepared.api_key_id,
         )
-        task = asyncio.create_task(self._execute(prepared, progress), name=f"fluxport-{job.request_id}")
+        task = asyncio.create_task(
+            self._execute(prepared, progress, created), name=f"fluxport-{job.request_id}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -423,9 +432,8 @@ class ImageService:
 
     def client_gone(self, request_id: str) -> None:
         """The client disconnected: note it; the generation itself carries on."""
-        task = asyncio.create_task(self.db.mark_client_disconnected(request_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        written = self.db.mark_client_disconnected(request_id)
+        written.add_done_callback(_log_failed_write)
 
     async def drain(self, grace_s: float) -> None:
         """Let running requests finish (shutdown), then cancel what is left."""
@@ -437,12 +445,27 @@ class ImageService:
             if still:
                 await asyncio.gather(*still, return_exceptions=True)
 
-    async def _execute(self, p: PreparedRequest, progress: ProgressCallback) -> Completed:
+    async def _execute(
+        self, p: PreparedRequest, progress: ProgressCallback, created: asyncio.Future[None]
+    ) -> Completed:
         job = p.job
         t0 = time.monotonic()
         ledger = Ledger()
+        route = asyncio.ensure_future(self._route(p, progress, t0, ledger))
         try:
-            return await self._route(p, progress, t0, ledger)
+            await asyncio.shield(created)
+        except BaseException as exc:
+            route.cancel()
+            await asyncio.gather(route, return_exceptions=True)
+            if not isinstance(exc, Exception):
+                raise
+            log.error("request %s could not be recorded: %r", job.request_id, exc)
+            raise StorageUnavailable(
+                "The request could not be recorded, so it was not run (its provider call was "
+                "cancelled); retry it."
+            ) from exc
+        try:
+            return await route
         except FluxportError as exc:
             await self._fail(job, exc, t0, ledger)
             raise
@@ -631,6 +654,7 @@ class ImageService:
 
     async def _fail(self, job: ImageJob, exc: FluxportError, t0: float, ledger: Ledger) -> None:
         status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        await ledger.settle()
         await self.db.finish_request(
             job.request_id,
             status=status,
@@ -696,9 +720,9 @@ class ImageService:
         self, provider: Provider, job: ImageJob, progress: ProgressCallback, ledger: Ledger
     ) -> ProviderResult:
         """One provider call, recorded as one attempt with its timings and what it billed."""
-        attempt = await self.db.start_attempt(
-            request_id=job.request_id, provider=provider.name, model=job.model
-        )
+        # The attempt's record is committed while the provider call starts, not before it.
+        started = self.db.start_attempt(request_id=job.request_id, provider=provider.name, model=job.model)
+        started.add_done_callback(_log_failed_write)
         t = time.monotonic()
         try:
             result = await provider.generate(job, progress)
@@ -714,6 +738,10 @@ class ImageService:
             charged = isinstance(exc, BilledCancellation) or getattr(exc, "provider_billed", False)
             billed = self.estimate(provider, job).cost_usd if charged else 0.0
             ledger.total = round(ledger.total + billed, 6)
+            try:
+                attempt = await asyncio.shield(started)
+            except Exception:  # no attempt record to finish (logged); the call's own error stands
+                raise exc from None
             await asyncio.shield(
                 self.db.finish_attempt(
                     attempt,
@@ -737,7 +765,9 @@ class ImageService:
             ).cost_usd
         ledger.total = round(ledger.total + result.billed_usd, 6)
         tm = result.timings
-        await asyncio.shield(
+        attempt = await asyncio.shield(started)
+        # Committed with the request's outcome (_deliver), or before its failure (_fail).
+        ledger.writes.append(
             self.db.finish_attempt(
                 attempt,
                 status="succeeded",
@@ -786,16 +816,19 @@ class ImageService:
         rows: list[ImageRow] = []
         # One whole-second timestamp for `created` and the records: links expire at created + ttl.
         created = int(time.time())
+        ids = [new_image_id() for _ in encoded]
+        exts = ["jpg" if enc.format == "jpeg" else enc.format for enc in encoded]
+        paths = await asyncio.gather(
+            *(self.blobs.save(i, enc.data, ext) for i, enc, ext in zip(ids, encoded, exts, strict=True))
+        )
         for index, (img, enc) in enumerate(zip(result.images, encoded, strict=True)):
-            image_id = new_image_id()
-            ext = "jpg" if enc.format == "jpeg" else enc.format
-            path = await self.blobs.save(image_id, enc.data, ext)
+            image_id, ext = ids[index], exts[index]
             rows.append(
                 ImageRow(
                     id=image_id,
                     request_id=job.request_id,
                     index=index,
-                    path=path,
+                    path=paths[index],
                     format=enc.format,
                     mime=enc.mime,
                     width=enc.width,
@@ -805,7 +838,6 @@ class ImageService:
                 )
             )
             stored.append(StoredImage(image_id, f"/images/{image_id}.{ext}", enc, _seed_of(img, job, index)))
-        await self.db.add_images(rows)
         # Megapixels as billed: what the provider generated, and the references of each of its calls.
         estimate = self.estimate(provider, job)
         usage = Usage(
@@ -814,7 +846,8 @@ class ImageService:
             output_megapixels=sum(billable_megapixels(img.size) for img in result.images),
             cost_usd=ledger.total,
         )
-        await self.db.finish_request(
+        images_added = self.db.add_images(rows)
+        finished = self.db.finish_request(
             job.request_id,
             status="succeeded",
             provider=provider.name,
@@ -829,6 +862,9 @@ class ImageService:
             revised_prompt=result.revised_prompt,
             cost_usd=ledger.total,
         )
+        # The attempts, the images and the outcome: queued together, one transaction.
+        await asyncio.gather(*ledger.writes, images_added, finished)
+        ledger.writes.clear()
         self.metrics.observe_request(
             job.model, job.operation.value, "succeeded", time.monotonic() - t0, ledger.total
         )
@@ -881,9 +917,24 @@ def _ms(seconds: float | None) -> float | None:
 
 @dataclass
 class Ledger:
-    """What the providers billed for one request so far, across every attempt."""
+    """What the providers billed for one request so far, across every attempt, and the attempt
+    records queued but not yet awaited."""
 
     total: float = 0.0
+    writes: list[asyncio.Future[None]] = field(default_factory=list)
+
+    async def settle(self) -> None:
+        """Wait for the queued attempt records (a failure is logged, not raised: the request's
+        own outcome is recorded next all the same)."""
+        writes, self.writes = self.writes, []
+        for outcome in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.error("an attempt record could not be written: %r", outcome)
+
+
+def _log_failed_write(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a record could not be written: %r", future.exception())
 
 
 async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:

@@ -510,7 +510,12 @@ _INSERT_IMAGE: Final = insert(cast(Table, ImageRecord.__table__))
 
 
 class Database:
-    """Async data access for requests, attempts and images."""
+    """Async data access for requests, attempts and images.
+
+    The writes every request makes (create_request, start_attempt, finish_attempt, add_images,
+    finish_request, ...) are queued when called and return a future that completes once they are
+    committed: writes made in one go share a transaction (storage/writer.py).
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -551,7 +556,7 @@ class Database:
 
     # Requests
 
-    async def create_request(
+    def create_request(
         self,
         *,
         id: str,
@@ -562,7 +567,7 @@ class Database:
         n: int,
         status: str = "queued",
         api_key_id: str | None = None,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         """Record a new request (queued, or already running when it starts at once)."""
         _check(operation, OPERATIONS, "operation")
         _check(status, frozenset(_REQUEST_IN_FLIGHT), "initial request status")
@@ -579,13 +584,13 @@ class Database:
             client_disconnected=False,
             api_key_id=api_key_id,
         )
-        await self._writer.write(Op(_INSERT_REQUEST, values))
+        return self._writer.write(Op(_INSERT_REQUEST, values))
 
-    async def set_request_status(self, request_id: str, status: str) -> None:
+    def set_request_status(self, request_id: str, status: str) -> asyncio.Future[None]:
         _check(status, REQUEST_STATUSES, "request status")
-        await self._update_request(request_id, status=status)
+        return self._update_request(request_id, status=status)
 
-    async def finish_request(
+    def finish_request(
         self,
         request_id: str,
         *,
@@ -601,10 +606,10 @@ class Database:
         images: int,
         revised_prompt: str | None,
         cost_usd: float | None = None,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         """Record the outcome (succeeded / failed / rejected / interrupted) and stamp finished_at."""
         _check(status, _REQUEST_FINAL, "final request status")
-        await self._update_request(
+        return self._update_request(
             request_id,
             status=status,
             provider=provider,
@@ -621,12 +626,12 @@ class Database:
             finished_at=_utcnow(),
         )
 
-    async def mark_client_disconnected(self, request_id: str) -> None:
-        await self._update_request(request_id, client_disconnected=True)
+    def mark_client_disconnected(self, request_id: str) -> asyncio.Future[None]:
+        return self._update_request(request_id, client_disconnected=True)
 
-    async def _update_request(self, request_id: str, **values: Any) -> None:
+    def _update_request(self, request_id: str, **values: Any) -> asyncio.Future[None]:
         values["request_id_"] = request_id
-        await self._writer.write(Op(_UPDATE_REQUEST, values, one_row=True, what=f"request {request_id!r}"))
+        return self._writer.write(Op(_UPDATE_REQUEST, values, one_row=True, what=f"request {request_id!r}"))
 
     async def get_request(self, request_id: str) -> RequestRow | None:
         async with self.sessions() as session:
@@ -654,9 +659,9 @@ class Database:
 
     # Attempts
 
-    async def start_attempt(
+    def start_attempt(
         self, *, request_id: str, provider: str, model: str, started_at: datetime | None = None
-    ) -> int:
+    ) -> asyncio.Future[int]:
         """Record a running attempt; returns its id. `started_at` (default now) is for imports and tests."""
         values = dict(
             request_id=request_id,
@@ -665,10 +670,9 @@ class Database:
             status="running",
             started_at=started_at or _utcnow(),
         )
-        (attempt_id,) = await self._writer.write(Op(_INSERT_ATTEMPT, values))
-        return int(attempt_id)
+        return self._writer.write(Op(_INSERT_ATTEMPT, values), then=lambda out: int(out[0]))
 
-    async def finish_attempt(
+    def finish_attempt(
         self,
         attempt_id: int,
         *,
@@ -683,7 +687,7 @@ class Database:
         billed_usd: float | None,
         submitted_ms: float | None = None,
         first_status_ms: float | None = None,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         """Record an attempt's outcome (succeeded / failed / cancelled) and stamp finished_at."""
         _check(status, _ATTEMPT_FINAL, "final attempt status")
         values = dict(
@@ -701,7 +705,7 @@ class Database:
             finished_at=_utcnow(),
             attempt_id_=attempt_id,
         )
-        await self._writer.write(Op(_UPDATE_ATTEMPT, values, one_row=True, what=f"attempt {attempt_id}"))
+        return self._writer.write(Op(_UPDATE_ATTEMPT, values, one_row=True, what=f"attempt {attempt_id}"))
 
     async def list_attempts(self, request_id: str) -> list[AttemptRow]:
         """A request's attempts in the order they started."""
@@ -806,10 +810,12 @@ class Database:
 
     # Images
 
-    async def add_images(self, images: list[ImageRow]) -> None:
+    def add_images(self, images: list[ImageRow]) -> asyncio.Future[None]:
         """Record saved images, all or none."""
         if not images:
-            return
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         now = _utcnow()
         rows = [
             dict(
@@ -826,7 +832,7 @@ class Database:
             )
             for i in images
         ]
-        await self._writer.write(Op(_INSERT_IMAGE, rows))
+        return self._writer.write(Op(_INSERT_IMAGE, rows))
 
     async def get_image(self, image_id: str) -> ImageRow | None:
         async with self.sessions() as session:

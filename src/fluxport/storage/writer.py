@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from sqlalchemy import Engine, Executable, Insert
 from sqlalchemy.engine import Connection
@@ -48,7 +48,15 @@ class Op:
 @dataclass
 class _Queued:
     ops: Sequence[Op]
-    future: asyncio.Future[list[Any]]
+    future: asyncio.Future[Any]
+    then: Callable[[list[Any]], Any]
+
+
+T = TypeVar("T")
+
+
+def _nothing(outcome: list[Any]) -> None:
+    return None
 
 
 # A batch's outcome: per write, per op the inserted primary key (INSERT) or the rows matched, or
@@ -158,12 +166,17 @@ class GroupCommit:
         )
         return cls(runner, lock)
 
-    def write(self, *ops: Op) -> Awaitable[list[Any]]:
-        """Queue a write now; the awaitable completes once it is committed (or failed)."""
+    @overload
+    def write(self, *ops: Op) -> asyncio.Future[None]: ...
+    @overload
+    def write(self, *ops: Op, then: Callable[[list[Any]], T]) -> asyncio.Future[T]: ...
+    def write(self, *ops: Op, then: Callable[[list[Any]], Any] = _nothing) -> asyncio.Future[Any]:
+        """Queue a write now (not when awaited); the future completes once it is committed, with
+        `then` of the ops' outcomes, or fails. Writes queued in one go share a transaction."""
         if self._closed:
             raise RuntimeError("the database is closed")
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Queued(ops, future))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Queued(ops, future, then))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="fluxport-group-commit")
         return future
@@ -196,7 +209,7 @@ class GroupCommit:
                 if isinstance(outcome, Exception):
                     q.future.set_exception(outcome)
                 else:
-                    q.future.set_result(outcome)
+                    q.future.set_result(q.then(outcome))
 
     async def aclose(self) -> None:
         """Commit what is queued, then stop."""
