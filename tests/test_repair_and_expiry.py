@@ -99,12 +99,14 @@ async def _seed_inconsistent(data_dir: Path) -> dict[str, str]:
             id="req_queued", model="flux.2-dummy", operation="generate", prompt="p", params={}, n=1
         )
         await db.create_request(
-            id="req_ok", model="flux.2-dummy", operation="generate", prompt="p", params={}, n=3
+            id="req_ok", model="flux.2-dummy", operation="generate", prompt="p", params={}, n=4
         )
         good = await blobs.save("good-image-0000000000000000", b"\x89PNG good", "png")
         lost = blobs.relative_path("lost-image-0000000000000000", "png")  # recorded, never written
         old = await blobs.save("old-image-00000000000000000", b"\x89PNG old", "png")
         orphan = await blobs.save("orphan-image-00000000000000", b"\x89PNG orphan", "png")
+        # Renamed into place, then a power cut before its fsync: fewer bytes than recorded.
+        torn = await blobs.save("torn-image-0000000000000000", b"\x89PNG", "png")
         await db.add_images(
             [
                 ImageRow("good-image-0000000000000000", "req_ok", 0, good, "png", "image/png", 1, 1, 9),
@@ -121,6 +123,7 @@ async def _seed_inconsistent(data_dir: Path) -> dict[str, str]:
                     9,
                     datetime.now(UTC) - timedelta(days=30),
                 ),
+                ImageRow("torn-image-0000000000000000", "req_ok", 3, torn, "png", "image/png", 1, 1, 9),
             ]
         )
         await db.finish_request(
@@ -134,7 +137,7 @@ async def _seed_inconsistent(data_dir: Path) -> dict[str, str]:
             total_ms=None,
             width=1,
             height=1,
-            images=3,
+            images=4,
             revised_prompt=None,
         )
     finally:
@@ -142,7 +145,7 @@ async def _seed_inconsistent(data_dir: Path) -> dict[str, str]:
     shard = blobs.resolve(good).parent
     temp = shard / ".x.png.abc123.tmp"
     temp.write_bytes(b"half an ima")
-    return {"good": good, "lost": lost, "old": old, "orphan": orphan, "temp": str(temp)}
+    return {"good": good, "lost": lost, "old": old, "orphan": orphan, "torn": torn, "temp": str(temp)}
 
 
 async def test_repair_on_start_fixes_every_inconsistency(
@@ -158,13 +161,15 @@ async def test_repair_on_start_fixes_every_inconsistency(
         assert report.interrupted == 2
         assert report.temp_files == 1
         assert report.orphan_files == 1
-        assert report.missing_files == 1
+        assert report.missing_files == 2
         assert report.expired_files == 1
-        assert report.damaged_requests == {"req_ok": 1}
-        assert "request req_ok lost 1 of its 3 images" in caplog.text
+        assert report.damaged_requests == {"req_ok": 2}
+        assert "request req_ok lost 2 of its 4 images" in caplog.text
         assert "2 requests left in flight" in caplog.text
         assert not Path(paths["temp"]).exists()  # noqa: ASYNC240
         assert not blobs.exists(paths["orphan"])
+        assert not blobs.exists(paths["torn"])
+        assert await db.get_image("torn-image-0000000000000000") is None
         assert not blobs.exists(paths["old"])
         assert blobs.exists(paths["good"])
         assert await db.get_image("lost-image-0000000000000000") is None
@@ -187,6 +192,9 @@ def test_a_server_started_on_a_damaged_data_dir_repairs_it_before_serving(tmp_pa
         blobs = BlobStore(tmp_path / "images")
         assert not Path(paths["temp"]).exists()
         assert not blobs.exists(paths["orphan"])
+        assert not blobs.exists(paths["torn"])
+        torn = httpx.get(f"{live.url}/images/torn-image-0000000000000000.png")
+        assert torn.status_code == 404 and torn.json()["error"]["code"] == "not_found"
         assert httpx.get(f"{live.url}/images/good-image-0000000000000000.png").status_code == 200
         lost = httpx.get(f"{live.url}/images/lost-image-0000000000000000.png")
         assert lost.status_code == 404 and lost.json()["error"]["code"] == "not_found"

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -589,8 +589,9 @@ def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
 
-async def test_blob_save_and_read(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path / "images")  # created on first save
+@pytest.mark.parametrize("fsync", ["before_answer", "after_answer"])
+async def test_blob_save_and_read(tmp_path: Path, fsync: Literal["before_answer", "after_answer"]) -> None:
+    store = BlobStore(tmp_path / "images", fsync=fsync)  # created on first save
     image_id = new_image_id()
     data = os.urandom(256 * 1024)
     rel = await store.save(image_id, data, ".PNG")
@@ -611,6 +612,8 @@ async def test_blob_save_and_read(tmp_path: Path) -> None:
     assert await store.delete(rel) is False
     with pytest.raises(FileNotFoundError):
         await store.read(rel)
+    await asyncio.to_thread(store.close)  # waits for the fsyncs still under way (after_answer)
+    assert not store._syncing
 
 
 async def test_blob_overwrite_is_atomic_for_readers(tmp_path: Path) -> None:

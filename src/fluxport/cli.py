@@ -274,7 +274,9 @@ async def _run_async(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(settings.resolved_database_url)
     providers = build_providers(settings)
-    service = ImageService(settings, db, BlobStore(settings.images_dir), providers)
+    service = ImageService(
+        settings, db, BlobStore(settings.images_dir, fsync=settings.image_fsync), providers
+    )
     t0 = time.monotonic()
     try:
         req = parse_image_request(fields)

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         default="keys",
         description="keys: Bearer API keys on every /v1 route; none: open (local experiments).",
     )
+    image_fsync: Literal["before_answer", "after_answer"] = Field(
+        default="after_answer",
+        description="When a saved image is fsynced: before the answer (power-loss durable when the "
+        "client gets its link; ~1-2 ms more per request, far more under load) or right after it "
+        "(kill -9 safe either way; a file torn by a power cut in between is removed at start).",
+    )
     image_ttl_s: int = Field(default=24 * 3600, ge=1, description="How long image links (url) stay valid.")
     idempotency_ttl_s: int = Field(
         default=24 * 3600, ge=60, description="How long Idempotency-Key answers are kept."

@@ -172,7 +172,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = await Database.open(settings.resolved_database_url)
-        blobs = BlobStore(settings.images_dir)
+        blobs = BlobStore(settings.images_dir, fsync=settings.image_fsync)
+        await asyncio.to_thread(blobs.prepare)
         # Crash repair before serving; then the expiry sweep of image files (storage/repair.py).
         repaired = await repair_on_start(db, blobs, ttl_s=settings.image_ttl_s)
         sweeper = asyncio.create_task(

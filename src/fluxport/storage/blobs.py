@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import secrets
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 __all__ = ["TEMP_SUFFIX", "BlobStore", "new_image_id"]
+
+log = logging.getLogger(__name__)
 
 # Leftover temp files (a crash mid-write) end in this, so a sweep can find and remove them.
 TEMP_SUFFIX: Final = ".tmp"
@@ -28,10 +32,21 @@ def new_image_id() -> str:
 
 
 class BlobStore:
-    """Stores blobs under `root` as `<shard>/<image_id>.<ext>`; file I/O runs in worker threads."""
+    """Stores blobs under `root` as `<shard>/<image_id>.<ext>`; file I/O runs in worker threads.
 
-    def __init__(self, root: Path) -> None:
+    A save is atomic (temp file, then rename): readers, and a process that dies, see all of a blob
+    or none of it. It is made durable against power loss (fsync of the file and its directory)
+    before save() returns with `fsync="before_answer"`, or right after it on the writer threads
+    with `fsync="after_answer"`, which spares the caller the wait; a blob torn by a power cut in
+    that window is found by its size and removed with its record at start-up (storage/repair.py).
+    """
+
+    def __init__(
+        self, root: Path, *, fsync: Literal["before_answer", "after_answer"] = "before_answer"
+    ) -> None:
         self.root = Path(root).resolve()
+        self.fsync_before_return = fsync == "before_answer"
+        self._syncing: set[asyncio.Future[None]] = set()
         # Writes wait on fsync, not on the CPU: their own threads, so that a burst of saves under
         # load does not queue the shared default executor (image codecs, DNS look-ups) behind them.
         self._writers = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="fluxport-blob")
@@ -60,14 +75,39 @@ class BlobStore:
             raise ValueError(f"blob path escapes the store: {path!r}")
         return full
 
-    async def save(self, image_id: str, data: bytes, ext: str) -> str:
-        """Write atomically and durably; returns the path relative to the root."""
+    def prepare(self) -> None:
+        """Create the root and all 256 shard directories up front (blocking; at start-up), so that
+        no save has to create one, and fsync its parent, while a client waits."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        created = False
+        for shard in range(256):
+            directory = self.root / f"{shard:02x}"
+            if not directory.is_dir():
+                directory.mkdir(exist_ok=True)
+                created = True
+        if created:
+            _fsync_dir(self.root)
+
+    async def save(self, image_id: str, content: bytes | Callable[[], bytes], ext: str) -> str:
+        """Write atomically and durably; returns the path relative to the root. `content`: the
+        bytes, or a function that makes them (an encoder), run on the writer thread first."""
         rel = self.relative_path(image_id, ext)
-        await asyncio.get_running_loop().run_in_executor(self._writers, self._write, self.resolve(rel), data)
+        target = self.resolve(rel)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writers, self._write, target, content, self.fsync_before_return)
+        if not self.fsync_before_return:
+            synced = loop.run_in_executor(self._writers, _fsync_written, target)
+            self._syncing.add(synced)
+            synced.add_done_callback(self._synced)
         return rel
 
+    def _synced(self, future: asyncio.Future[None]) -> None:
+        self._syncing.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("fsync of a saved image failed: %r", future.exception())
+
     def close(self) -> None:
-        """Finish the writes in progress and stop the writer threads."""
+        """Finish the writes and fsyncs in progress and stop the writer threads."""
         self._writers.shutdown(wait=True)
 
     async def read(self, path: str) -> bytes:
@@ -90,7 +130,8 @@ class BlobStore:
         return self.resolve(path).is_file()
 
     @staticmethod
-    def _write(target: Path, data: bytes) -> None:
+    def _write(target: Path, content: bytes | Callable[[], bytes], durable: bool = True) -> None:
+        data = content if isinstance(content, bytes) else content()
         new_shard = not target.parent.is_dir()
         target.parent.mkdir(parents=True, exist_ok=True)
         # Same directory as the target, so os.replace is an atomic rename on one filesystem:
@@ -101,15 +142,32 @@ class BlobStore:
                 os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a front web server may serve these
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(target.parent)
+        if durable or new_shard:
+            _fsync_dir(target.parent)
         if new_shard:
             _fsync_dir(target.parent.parent)
+
+
+def _fsync_written(target: Path) -> None:
+    """Make a blob saved without fsync durable: its data, then the rename in its directory."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(target, os.O_RDONLY)
+    except FileNotFoundError:  # deleted meanwhile (expired, or its request's record failed)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

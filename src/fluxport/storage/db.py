@@ -1041,16 +1041,23 @@ class Database:
 
     async def image_paths(
         self, *, created_from: datetime | None = None, created_before: datetime | None = None
-    ) -> list[tuple[str, str, str, datetime]]:
-        """(id, request_id, path, created_at) of the images created in [created_from, created_before)."""
-        stmt = select(ImageRecord.id, ImageRecord.request_id, ImageRecord.path, ImageRecord.created_at)
+    ) -> list[tuple[str, str, str, datetime, int]]:
+        """(id, request_id, path, created_at, bytes) of the images created in [created_from,
+        created_before)."""
+        stmt = select(
+            ImageRecord.id,
+            ImageRecord.request_id,
+            ImageRecord.path,
+            ImageRecord.created_at,
+            ImageRecord.bytes,
+        )
         if created_from is not None:
             stmt = stmt.where(ImageRecord.created_at >= created_from)
         if created_before is not None:
             stmt = stmt.where(ImageRecord.created_at < created_before)
         async with self.sessions() as session:
             rows = await session.execute(stmt)
-            return [(r[0], r[1], r[2], r[3]) for r in rows]
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     async def delete_images(self, image_ids: list[str]) -> int:
         """Remove image records (their files are gone); returns how many were removed."""

@@ -3,7 +3,8 @@
 Start-up (before serving): requests a crash left queued/running become interrupted; temp files of
 interrupted atomic writes are deleted; image files without a record are deleted (no client ever got
 a link to one: the record is committed before the response is sent); records of unexpired images
-whose file is missing are removed. Expired images keep their record (for accounting) but lose
+whose file is missing, or shorter or longer than recorded (torn by a power cut before its fsync),
+are removed, with such a file. Expired images keep their record (for accounting) but lose
 their file: the sweep deletes it at start-up and then periodically.
 """
 
@@ -44,9 +45,9 @@ def expiry_cutoff(ttl_s: int, now: datetime | None = None) -> datetime:
     return (now or datetime.now(UTC)) - timedelta(seconds=ttl_s)
 
 
-def _scan(root: Path) -> tuple[set[str], list[Path]]:
-    """(relative paths of the stored files, temp files) under the blob store's root."""
-    files: set[str] = set()
+def _scan(root: Path) -> tuple[dict[str, int], list[Path]]:
+    """(relative path -> size of the stored files, temp files) under the blob store's root."""
+    files: dict[str, int] = {}
     temps: list[Path] = []
     if not root.is_dir():
         return files, temps
@@ -56,7 +57,8 @@ def _scan(root: Path) -> tuple[set[str], list[Path]]:
             if name.endswith(TEMP_SUFFIX):
                 temps.append(full)
             else:
-                files.add(full.relative_to(root).as_posix())
+                with contextlib.suppress(FileNotFoundError):
+                    files[full.relative_to(root).as_posix()] = full.stat().st_size
     return files, temps
 
 
@@ -82,15 +84,19 @@ async def repair_on_start(db: Database, blobs: BlobStore, *, ttl_s: int) -> Repa
     expired: list[Path] = []
     damaged: dict[str, int] = defaultdict(int)
     recorded: set[str] = set()
-    for image_id, request_id, path, created_at in await db.image_paths():
+    torn: list[Path] = []
+    for image_id, request_id, path, created_at, size in await db.image_paths():
         recorded.add(path)
         if created_at < cutoff:
             if path in files:
                 expired.append(blobs.resolve(path))
-        elif path not in files:
+        elif files.get(path) != size:
             missing.append(image_id)
             damaged[request_id] += 1
-    orphans = [blobs.resolve(p) for p in sorted(files - recorded)]
+            if path in files:
+                torn.append(blobs.resolve(path))
+    orphans = [blobs.resolve(p) for p in sorted(files.keys() - recorded)]
+    await asyncio.to_thread(_unlink, torn)
     report.orphan_files = await asyncio.to_thread(_unlink, orphans)
     report.expired_files = await asyncio.to_thread(_unlink, expired)
     if missing:
@@ -106,7 +112,7 @@ async def repair_on_start(db: Database, blobs: BlobStore, *, ttl_s: int) -> Repa
     for request_id, lost in sorted(damaged.items()):
         request = await db.get_request(request_id)
         log.warning(
-            "repair: request %s lost %d of its %s images (file missing); their records were removed",
+            "repair: request %s lost %d of its %s images (file missing or torn); their records were removed",
             request_id,
             lost,
             request.images if request is not None else "?",
@@ -123,7 +129,7 @@ async def sweep_expired(
     the records stay. Returns (files deleted, the new cutoff: the next sweep's `since`)."""
     cutoff = expiry_cutoff(ttl_s)
     rows = await db.image_paths(created_from=since, created_before=cutoff)
-    deleted = await asyncio.to_thread(_unlink, [blobs.resolve(path) for _, _, path, _ in rows])
+    deleted = await asyncio.to_thread(_unlink, [blobs.resolve(path) for _, _, path, _, _ in rows])
     if deleted:
         log.info("sweep: deleted %d expired image files", deleted)
     return deleted, cutoff
