@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -766,9 +767,10 @@ class ImageService:
         ledger.total = round(ledger.total + result.billed_usd, 6)
         tm = result.timings
         attempt = await asyncio.shield(started)
-        # Committed with the request's outcome (_deliver), or before its failure (_fail).
-        ledger.writes.append(
-            self.db.finish_attempt(
+        # Queued with the request's outcome, in one transaction (_deliver), or before its failure.
+        ledger.deferred.append(
+            functools.partial(
+                self.db.finish_attempt,
                 attempt,
                 status="succeeded",
                 error=None,
@@ -801,28 +803,39 @@ class ImageService:
         """Convert to the exact size and format, save every image, then record success."""
         job = p.job
         caps = provider.capabilities(job.model)
-        try:
-            encoded = await asyncio.gather(
-                *(
-                    asyncio.to_thread(
-                        media.finalize_image, img, job.size, job.output_format, job.output_compression
-                    )
-                    for img in result.images
-                )
-            )
-        except ValueError as exc:  # the provider's bytes are not a usable image
-            raise ProviderFailure(f"{provider.name} returned an unusable image: {exc}") from exc
+        ids = [new_image_id() for _ in result.images]
+        ext = "jpg" if job.output_format == "jpeg" else job.output_format
+        encoded: list[media.EncodedImage | None] = [None] * len(result.images)
+
+        def encoder(index: int, img: GeneratedImage) -> Callable[[], bytes]:
+            def encode() -> bytes:
+                enc = media.finalize_image(img, job.size, job.output_format, job.output_compression)
+                encoded[index] = enc
+                return enc.data
+
+            return encode
+
+        # Checked or converted, then written, in one hop to the blob store's writer threads.
+        saved = await asyncio.gather(
+            *(self.blobs.save(ids[i], encoder(i, img), ext) for i, img in enumerate(result.images)),
+            return_exceptions=True,
+        )
+        failed = next((out for out in saved if isinstance(out, BaseException)), None)
+        if failed is not None:
+            for out in saved:
+                if isinstance(out, str):
+                    await self.blobs.delete(out)
+            if isinstance(failed, ValueError):  # the provider's bytes are not a usable image
+                raise ProviderFailure(f"{provider.name} returned an unusable image: {failed}") from failed
+            raise failed
+        paths = [out for out in saved if isinstance(out, str)]
         stored: list[StoredImage] = []
         rows: list[ImageRow] = []
         # One whole-second timestamp for `created` and the records: links expire at created + ttl.
         created = int(time.time())
-        ids = [new_image_id() for _ in encoded]
-        exts = ["jpg" if enc.format == "jpeg" else enc.format for enc in encoded]
-        paths = await asyncio.gather(
-            *(self.blobs.save(i, enc.data, ext) for i, enc, ext in zip(ids, encoded, exts, strict=True))
-        )
         for index, (img, enc) in enumerate(zip(result.images, encoded, strict=True)):
-            image_id, ext = ids[index], exts[index]
+            assert enc is not None  # saved: encoded first
+            image_id = ids[index]
             rows.append(
                 ImageRow(
                     id=image_id,
@@ -846,6 +859,7 @@ class ImageService:
             output_megapixels=sum(billable_megapixels(img.size) for img in result.images),
             cost_usd=ledger.total,
         )
+        ledger.queue_deferred()
         images_added = self.db.add_images(rows)
         finished = self.db.finish_request(
             job.request_id,
@@ -921,11 +935,18 @@ class Ledger:
     records queued but not yet awaited."""
 
     total: float = 0.0
+    # Attempt records to write with the request's outcome (one transaction), and those queued.
+    deferred: list[Callable[[], asyncio.Future[None]]] = field(default_factory=list)
     writes: list[asyncio.Future[None]] = field(default_factory=list)
 
+    def queue_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        self.writes.extend(write() for write in deferred)
+
     async def settle(self) -> None:
-        """Wait for the queued attempt records (a failure is logged, not raised: the request's
-        own outcome is recorded next all the same)."""
+        """Wait for the attempt records (a failure is logged, not raised: the request's own
+        outcome is recorded next all the same)."""
+        self.queue_deferred()
         writes, self.writes = self.writes, []
         for outcome in await asyncio.gather(*writes, return_exceptions=True):
             if isinstance(outcome, BaseException):
