@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import inspect
 import logging
 import secrets
 import sys
@@ -196,6 +198,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.service = service
         await _keys_and_idempotency(app, settings, db)
+        # Everything built so far lives as long as the server: keep it out of the collector's
+        # scans, and collect the young generation less often (requests allocate many small
+        # objects; full collections over a large heap were the long pauses under load).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         try:
             yield
         finally:
@@ -208,11 +216,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(blobs.close)
             await db.close()
 
+    options: dict[str, Any] = {}
+    if "telemetry" in inspect.signature(FastAPI).parameters:
+        # FastAPI's built-in OpenTelemetry: opt-in (FLUXPORT_OTEL), since even unconfigured it
+        # asks the OTel globals on every request; fluxport's own metrics are at /metrics.
+        enabled = settings.otel
+        options["telemetry"] = {"tracing": enabled, "metrics": enabled, "logs": enabled}
     app = FastAPI(
         title="fluxport",
         version=__version__,
         summary="One OpenAI-compatible API for FLUX.2 [dev] and FLUX.2 [dev] Flash.",
         lifespan=lifespan,
+        **options,
     )
     app.add_exception_handler(FluxportError, _fluxport_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
