@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         default="keys",
         description="keys: Bearer API keys on every /v1 route; none: open (local experiments).",
     )
+    otel: bool = Field(
+        default=False,
+        description="FastAPI's built-in OpenTelemetry spans, metrics and logs (with an OTel SDK configured).",
+    )
     image_fsync: Literal["before_answer", "after_answer"] = Field(
         default="after_answer",
         description="When a saved image is fsynced: before the answer (power-loss durable when the "
