@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 TEMP_SUFFIX: Final = ".tmp"
 _IMAGE_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EXT: Final = re.compile(r"[a-z0-9]{1,10}")
-WRITE_THREADS: Final = 16
+WRITE_THREADS: Final = 4
 
 
 def new_image_id() -> str:
@@ -47,6 +47,8 @@ class BlobStore:
         self.root = Path(root).resolve()
         self.fsync_before_return = fsync == "before_answer"
         self._syncing: set[asyncio.Future[None]] = set()
+        self._unsynced: list[Path] = []
+        self._closing = False
         # Writes wait on fsync, not on the CPU: their own threads, so that a burst of saves under
         # load does not queue the shared default executor (image codecs, DNS look-ups) behind them.
         self._writers = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="fluxport-blob")
@@ -92,23 +94,37 @@ class BlobStore:
         """Write atomically and durably; returns the path relative to the root. `content`: the
         bytes, or a function that makes them (an encoder), run on the writer thread first."""
         rel = self.relative_path(image_id, ext)
-        target = self.resolve(rel)
+        target = self.root / rel  # safe without resolve(): relative_path admits no '/', '..' or links
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writers, self._write, target, content, self.fsync_before_return)
         if not self.fsync_before_return:
-            synced = loop.run_in_executor(self._writers, _fsync_written, target)
-            self._syncing.add(synced)
-            synced.add_done_callback(self._synced)
+            # One sync job at a time takes every file saved meanwhile (and fsyncs each directory
+            # once): under load, a few thread hops for many files rather than one per file.
+            self._unsynced.append(target)
+            if not self._syncing:
+                self._sync_next(loop)
         return rel
 
-    def _synced(self, future: asyncio.Future[None]) -> None:
+    def _sync_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._unsynced = self._unsynced, []
+        synced = loop.run_in_executor(self._writers, _fsync_written, batch)
+        self._syncing.add(synced)
+        synced.add_done_callback(lambda future: self._synced(future, loop))
+
+    def _synced(self, future: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
         self._syncing.discard(future)
         if not future.cancelled() and future.exception() is not None:
-            log.error("fsync of a saved image failed: %r", future.exception())
+            log.error("fsync of saved images failed: %r", future.exception())
+        if self._unsynced and not self._closing and not loop.is_closed():
+            self._sync_next(loop)
 
     def close(self) -> None:
-        """Finish the writes and fsyncs in progress and stop the writer threads."""
+        """Finish the writes and fsyncs in progress (and any still queued), stop the threads."""
+        self._closing = True
         self._writers.shutdown(wait=True)
+        if self._unsynced:
+            _fsync_written(self._unsynced)
+            self._unsynced = []
 
     async def read(self, path: str) -> bytes:
         return await asyncio.to_thread(self.resolve(path).read_bytes)
@@ -155,19 +171,23 @@ class BlobStore:
             _fsync_dir(target.parent.parent)
 
 
-def _fsync_written(target: Path) -> None:
-    """Make a blob saved without fsync durable: its data, then the rename in its directory."""
+def _fsync_written(targets: list[Path]) -> None:
+    """Make blobs saved without fsync durable: their data, then the renames in their directories."""
     if os.name != "posix":
         return
-    try:
-        fd = os.open(target, os.O_RDONLY)
-    except FileNotFoundError:  # deleted meanwhile (expired, or its request's record failed)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_dir(target.parent)
+    directories: dict[Path, None] = {}
+    for target in targets:
+        try:
+            fd = os.open(target, os.O_RDONLY)
+        except FileNotFoundError:  # deleted meanwhile (expired, or its request's record failed)
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        directories[target.parent] = None
+    for directory in directories:
+        _fsync_dir(directory)
 
 
 def _fsync_dir(directory: Path) -> None:
