@@ -7,6 +7,7 @@ the next whole megapixel; each reference image is billed separately at 1 MP or m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -83,12 +84,16 @@ def price_key(provider: str, model: str) -> str:
     return f"{provider}/{model}".lower()
 
 
+@functools.cache
+def _lowered(prices: tuple[tuple[str, float], ...]) -> dict[str, float]:
+    return {key.lower(): value for key, value in prices}
+
+
 def rate_for(provider: str, model: str, settings: Settings) -> Rate:
     """The rate for `model` on `provider`: configuration first, then the catalog, else free."""
     from fluxport.catalog import PRICES
 
-    configured = {key.lower(): value for key, value in settings.prices.items()}
-    override = configured.get(price_key(provider, model))
+    override = _lowered(tuple(settings.prices.items())).get(price_key(provider, model))
     if override is not None:
         return Rate(output_per_mp=override, input_per_mp=override)
     return PRICES.get((provider, model), Rate.free())

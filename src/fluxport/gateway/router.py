@@ -46,13 +46,23 @@ class Health:
     opened_at: float = 0.0
     cooldown_s: float = 0.0
     probing: bool = False
+    # Derived from `samples`, recomputed only after they change (every request ranks, few record).
+    _sorted: list[float] | None = None
+    _successes: int | None = None
+
+    def add(self, outcomes: Sequence[tuple[bool, float]]) -> None:
+        self.samples.extend(outcomes)
+        self._sorted = self._successes = None
 
     def latencies(self) -> list[float]:
-        return sorted(seconds for ok, seconds in self.samples if ok)
+        if self._sorted is None:
+            self._sorted = sorted(seconds for ok, seconds in self.samples if ok)
+        return self._sorted
 
     def success_rate(self) -> float:
-        ok = sum(1 for good, _ in self.samples if good)
-        return (ok + PRIOR_SUCCESS * PRIOR_WEIGHT) / (len(self.samples) + PRIOR_WEIGHT)
+        if self._successes is None:
+            self._successes = sum(1 for good, _ in self.samples if good)
+        return (self._successes + PRIOR_SUCCESS * PRIOR_WEIGHT) / (len(self.samples) + PRIOR_WEIGHT)
 
     def quantile(self, q: float) -> float | None:
         values = self.latencies()
@@ -90,7 +100,7 @@ class Router:
     def record(self, provider: str, model: str, *, ok: bool, seconds: float) -> None:
         """An attempt finished (cancelled hedge losers are not recorded: they say nothing)."""
         h = self.health(provider, model)
-        h.samples.append((ok, seconds))
+        h.add([(ok, seconds)])
         if ok:
             h.consecutive_failures = 0
             h.state, h.probing, h.cooldown_s = BreakerState.CLOSED, False, 0.0
@@ -105,7 +115,7 @@ class Router:
     def seed(self, provider: str, model: str, outcomes: Sequence[tuple[bool, float]]) -> None:
         """Warm the window from recorded attempts (oldest first) without touching the breaker."""
         h = self.health(provider, model)
-        h.samples.extend(outcomes)
+        h.add(outcomes)
 
     def _open(self, h: Health, cooldown_s: float) -> None:
         h.state, h.opened_at, h.cooldown_s, h.probing = BreakerState.OPEN, self.clock(), cooldown_s, False

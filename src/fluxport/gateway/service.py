@@ -268,6 +268,8 @@ class ImageService:
         return names
 
     async def _load_references(self, uploads: Sequence[bytes]) -> list[ReferenceImage]:
+        if not uploads:
+            return []
         s = self.settings
 
         async def load(index: int, data: bytes) -> ReferenceImage:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
@@ -387,10 +388,12 @@ class FalProvider:
             return False
 
 
-def _stream_url(status_url: str) -> httpx.URL:
+def _stream_url(status_url: str) -> str:
     """`{status_url}/stream`, keeping the status URL's query, with logs=1."""
-    url = httpx.URL(status_url)
-    return url.copy_with(path=url.path.rstrip("/") + "/stream").copy_set_param("logs", "1")
+    parts = urlsplit(status_url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "logs"]
+    query.append(("logs", "1"))
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/stream", query=urlencode(query)))
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -410,10 +413,12 @@ async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
             data.append(value.removeprefix(" "))
 
 
-def _log_text(logs: object) -> str:
+def _log_text(logs: object, last: int = 8) -> str:
+    """The text of the last few log entries: fal sends every log so far with each status, and only
+    the latest progress count matters."""
     if not isinstance(logs, list):
         return ""
-    return "\n".join(str(entry.get("message", "")) for entry in logs if isinstance(entry, dict))
+    return "\n".join(str(entry.get("message", "")) for entry in logs[-last:] if isinstance(entry, dict))
 
 
 def _client_error(response: httpx.Response) -> FluxportError:
