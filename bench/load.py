@@ -10,7 +10,12 @@ concurrent clients) the same closed-loop load runs twice, each client looping re
             cannot be opened), the result, the image download;
   fluxport  the openai SDK's AsyncOpenAI (or `--client httpx`: the same JSON with raw httpx)
             calling images.generate(model="flux.2-dev", size="512x512", provider fal) on a real
-            `fluxport serve` subprocess pointed at the same emulator.
+            `fluxport serve` subprocess pointed at the same emulator, with API keys on (the
+            default) and a key made for the benchmark.
+
+Both paths share one kept-alive connection pool per step: httpx over aiohttp's pool (what the
+openai SDK offers as DefaultAioHttpClient; `--transport httpcore` for httpx's own), so that the
+load generator stays cheap next to what it measures.
 
 It prints, per step and path: completed requests, throughput, p50/p95/p99 latency, errors by kind
 (429 with Retry-After counted apart, as deliberate; the client then waits Retry-After), the CPU
@@ -24,6 +29,7 @@ the added latency (fluxport - direct, per percentile), the throughput ratio, and
     .venv/bin/python bench/load.py                      # 1, 50, 200, 500 clients, 20 s each
     .venv/bin/python bench/load.py --quick              # CI: 1 and 20 clients, 4 s each
     .venv/bin/python bench/load.py --steps 200 --duration 30 --profile /tmp/prof   # py-spy too
+                                                        # (every thread, --threads, raw format)
 
 Throughput counts the requests completed inside the measured window (after the staggered start,
 before the clients stop), divided by its length; latencies are those of the successful requests
@@ -58,6 +64,7 @@ from typing import Any
 import httpx
 import openai
 import psutil
+from httpx_aiohttp import AiohttpTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -180,13 +187,15 @@ class EmulatorProcess:
 
 
 class FluxportProcess:
+    """`fluxport serve` as shipped: API keys on (the default), with one key made for the clients."""
+
     def __init__(self, fal_url: str, data_dir: Path) -> None:
         port = free_port()
+        self.key = asyncio.run(_make_key(data_dir))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUXPORT_", "REPLICATE_"))}
         env |= {
             "FAL_KEY": KEY,
             "FLUXPORT_FAL_URL": fal_url,
-            "FLUXPORT_AUTH": "none",
             "FLUXPORT_DATA_DIR": str(data_dir),
             "HF_HUB_OFFLINE": "1",
         }
@@ -224,6 +233,18 @@ class FluxportProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+async def _make_key(data_dir: Path) -> str:
+    from fluxport.keys import create_key
+    from fluxport.storage.db import Database
+
+    db = await Database.open(f"sqlite+aiosqlite:///{data_dir / 'fluxport.db'}")
+    try:
+        _, secret = await create_key(db, name="bench")
+    finally:
+        await db.close()
+    return secret
 
 
 class Monitor:
@@ -392,9 +413,9 @@ class Direct:
 class ThroughSdk:
     """images.generate on the official openai SDK."""
 
-    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, url: str, key: str, http: httpx.AsyncClient) -> None:
         self.client = openai.AsyncOpenAI(
-            base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120, http_client=http
+            base_url=url + "/v1", api_key=key, max_retries=0, timeout=120, http_client=http
         )
 
     async def __call__(self, seed: int) -> Outcome:
@@ -422,9 +443,10 @@ class ThroughSdk:
 class ThroughHttpx:
     """The same JSON as the SDK sends, with raw httpx (to take the SDK's own CPU cost out)."""
 
-    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, url: str, key: str, http: httpx.AsyncClient) -> None:
         self.url = url + "/v1/images/generations"
         self.http = http
+        self.headers = {"Authorization": f"Bearer {key}"}
 
     async def __call__(self, seed: int) -> Outcome:
         body = {
@@ -435,7 +457,7 @@ class ThroughHttpx:
             "seed": seed,
         }
         try:
-            r = await self.http.post(self.url, json=body, headers={"Authorization": "Bearer unused"})
+            r = await self.http.post(self.url, json=body, headers=self.headers)
         except httpx.TimeoutException:
             return "timeout", None
         except httpx.HTTPError as exc:
@@ -531,10 +553,17 @@ def nearest_rank(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def client_pool(clients: int) -> Iterator[httpx.AsyncClient]:
-    """One shared pool with a connection for every client (and headroom), kept alive."""
+def client_pool(clients: int, transport: str = "aiohttp") -> Iterator[httpx.AsyncClient]:
+    """One shared pool with a connection for every client (and headroom), kept alive. Both paths
+    use it. "aiohttp": httpx over aiohttp's connection pool (what the openai SDK offers as
+    DefaultAioHttpClient); httpx's own pool scans every connection per request, so with hundreds
+    of connections the load generator, not the system under test, becomes the bottleneck."""
     limits = httpx.Limits(max_connections=clients + 64, max_keepalive_connections=clients + 64)
-    http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120.0, connect=30.0))
+    timeout = httpx.Timeout(120.0, connect=30.0)
+    if transport == "aiohttp":
+        http = httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=timeout)
+    else:
+        http = httpx.AsyncClient(limits=limits, timeout=timeout)
     yield http
 
 
@@ -720,7 +749,7 @@ def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes
             str(pid),
             "-f",
             "raw",
-            "--gil",
+            "--threads",
             "-o",
             str(out),
             "-d",
@@ -746,9 +775,9 @@ async def bench(args: argparse.Namespace, emulator: EmulatorProcess, fluxport: F
     steps: list[Step] = []
     try:
         # Warm-up, unmeasured: connections, lazy imports, the database.
-        with client_pool(4) as http:
+        with client_pool(4, args.transport) as http:
             direct = Direct(emulator.base_url, http)
-            fx = through(fluxport.url, http)
+            fx = through(fluxport.url, fluxport.key, http)
             for _ in range(args.warmup):
                 for call in (direct, fx):
                     outcome, _ = await call(next(seeds))
@@ -761,10 +790,12 @@ async def bench(args: argparse.Namespace, emulator: EmulatorProcess, fluxport: F
             for path in ("direct", "fluxport"):
                 emulator.reset()
                 monitor.phase_peak = monitor.rss()
-                with client_pool(clients) as http:
+                with client_pool(clients, args.transport) as http:
                     call: Callable[[int], Awaitable[Outcome]]
                     call = (
-                        Direct(emulator.base_url, http) if path == "direct" else through(fluxport.url, http)
+                        Direct(emulator.base_url, http)
+                        if path == "direct"
+                        else through(fluxport.url, fluxport.key, http)
                     )
                     spy = None
                     if args.profile and path == "fluxport":
@@ -827,6 +858,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=2.0, help="the emulator's generation seconds")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests each way first")
     parser.add_argument("--client", choices=("sdk", "httpx"), default="sdk", help="how to call fluxport")
+    parser.add_argument(
+        "--transport",
+        choices=("aiohttp", "httpcore"),
+        default="aiohttp",
+        help="the load generator's connection pool (both paths)",
+    )
     parser.add_argument(
         "--profile", type=Path, default=None, help="py-spy raw profiles of fluxport here (GIL holder only)"
     )
