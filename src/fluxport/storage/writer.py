@@ -80,19 +80,22 @@ def _execute(conn: Connection, ops: Sequence[Op]) -> list[Any]:
     return out
 
 
-def _batch(
-    run_one: Callable[[Sequence[Sequence[Op]]], list[list[Any]]], writes: list[Sequence[Op]]
-) -> Outcomes:
-    """All writes in one transaction; if that fails, each in its own."""
+def _batch(conn: Connection, writes: list[Sequence[Op]]) -> Outcomes:
+    """All writes in one transaction on `conn`; if that fails, each in its own."""
+
+    def transaction(batch: Sequence[Sequence[Op]]) -> list[list[Any]]:
+        with conn.begin():
+            return [_execute(conn, ops) for ops in batch]
+
     try:
-        return list(run_one(writes))
+        return list(transaction(writes))
     except Exception as exc:
         if len(writes) == 1:
             return [exc]
     outcomes: Outcomes = []
     for write in writes:
         try:
-            outcomes.extend(run_one([write]))
+            outcomes.extend(transaction([write]))
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
@@ -105,13 +108,13 @@ class _SyncRunner:
         self.engine = engine
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxport-db-writer")
 
-    def _transaction(self, writes: Sequence[Sequence[Op]]) -> list[list[Any]]:
-        with self.engine.begin() as conn:
-            return [_execute(conn, ops) for ops in writes]
+    def _run(self, writes: list[Sequence[Op]]) -> Outcomes:
+        with self.engine.connect() as conn:
+            return _batch(conn, writes)
 
     async def run(self, writes: list[Sequence[Op]]) -> Outcomes:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, _batch, self._transaction, writes)
+        return await loop.run_in_executor(self.executor, self._run, writes)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.executor.shutdown, wait=True)
@@ -119,28 +122,14 @@ class _SyncRunner:
 
 
 class _AsyncRunner:
-    """PostgreSQL (and other async drivers): the batch on the async engine."""
+    """PostgreSQL (and other async drivers): the same batch on the async engine."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     async def run(self, writes: list[Sequence[Op]]) -> Outcomes:
-        async def transaction(batch: Sequence[Sequence[Op]]) -> list[list[Any]]:
-            async with self.engine.begin() as conn:
-                return await conn.run_sync(lambda c: [_execute(c, ops) for ops in batch])
-
-        try:
-            return list(await transaction(writes))
-        except Exception as exc:
-            if len(writes) == 1:
-                return [exc]
-        outcomes: Outcomes = []
-        for write in writes:
-            try:
-                outcomes.extend(await transaction([write]))
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(_batch, writes)
 
     async def aclose(self) -> None:
         return None
