@@ -557,12 +557,13 @@ class ImageService:
         try:
             while running:
                 now = time.monotonic()
-                wait = deadline - now
+                hedge_at: float | None = None  # when a backup is due, if before the deadline
                 if hedging and not hedged and len(running) == 1:
                     ((provider, started),) = running.values()
                     delay = self.router.hedge_after(provider.name, job.model)
-                    if delay is not None:
-                        wait = min(wait, started + delay - now)
+                    if delay is not None and started + delay < deadline:
+                        hedge_at = started + delay
+                wait = (hedge_at if hedge_at is not None else deadline) - now
                 watch: set[asyncio.Future[Any]] = set(running)
                 if not settled.done():
                     watch.add(settled)
@@ -581,7 +582,9 @@ class ImageService:
                     if not done:
                         continue
                 if not done:
-                    if time.monotonic() >= deadline:
+                    # Timers may fire a hair early: only a wait that was bounded by a hedge launches
+                    # a backup; one bounded by the deadline is the deadline.
+                    if hedge_at is None or time.monotonic() >= deadline:
                         raise DeadlineExceeded(
                             f"No provider finished within {self.settings.request_deadline_s:g} s "
                             f"(tried: {', '.join(tried)}); the attempts were cancelled."
