@@ -123,8 +123,8 @@ def test_sdk_with_a_valid_key_works_and_bad_or_revoked_keys_do_not(keyed: tuple[
         live.client(api_key="fp_" + "x" * 32).models.list()
     assert err.value.code == "invalid_api_key"
     revoke(live.settings.data_dir, secret)
-    deadline = time.monotonic() + 10
-    while True:  # the lookup cache holds a key for a couple of seconds
+    deadline = time.monotonic() + 3
+    while True:  # the server notices the revocation within about a second
         try:
             client.models.list()
         except openai.AuthenticationError as exc:

@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.service = service
         await _keys_and_idempotency(app, settings, db)
+        watcher = asyncio.create_task(app.state.auth.watch(), name="fluxport-key-watch")
         # Everything built so far lives as long as the server: keep it out of the collector's
         # scans, and collect the young generation less often (requests allocate many small
         # objects; full collections over a large heap were the long pauses under load).
@@ -207,9 +208,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await service.drain(grace_s=30)
             for provider in providers.values():
                 await provider.aclose()

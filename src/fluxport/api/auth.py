@@ -6,6 +6,7 @@ The check lives in an ASGI middleware keyed on the path, not in per-route depend
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -23,8 +24,10 @@ from fluxport.storage.db import ApiKeyRow, Database
 
 log = logging.getLogger("fluxport.auth")
 
-# Revocation takes effect within this many seconds (the lookup cache's lifetime).
-KEY_CACHE_TTL_S = 2.0
+# Key lookups are cached with no lifetime; the keys table is watched this often instead, and any
+# change (a key created or revoked, by this server or the CLI) empties the cache: revocation takes
+# effect within about this long, and no request reads the database to check its key.
+KEY_WATCH_INTERVAL_S = 1.0
 _KEY_CACHE_MAX = 10_000
 RATE_WINDOW_S = 60.0
 
@@ -42,22 +45,36 @@ class KeyAuth:
 
     settings: Settings
     db: Database
-    _cache: dict[str, tuple[ApiKeyRow | None, float]] = field(default_factory=dict)
+    _cache: dict[str, ApiKeyRow | None] = field(default_factory=dict)
     _windows: dict[str, deque[float]] = field(default_factory=dict)
+    _version: tuple[object, ...] | None = None
 
     async def lookup(self, secret: str) -> ApiKeyRow | None:
         digest = hash_key(secret)
-        now = time.monotonic()
-        hit = self._cache.get(digest)
-        if hit is not None and hit[1] > now:
-            return hit[0]
+        if digest in self._cache:
+            return self._cache[digest]
         row = await self.db.api_key_by_hash(digest)
         if row is not None and not hmac.compare_digest(row.hash, digest):
             row = None
         if len(self._cache) >= _KEY_CACHE_MAX:
             self._cache.clear()
-        self._cache[digest] = (row, now + KEY_CACHE_TTL_S)
+        self._cache[digest] = row
         return row
+
+    async def watch(self, interval_s: float = KEY_WATCH_INTERVAL_S) -> None:
+        """Empty the lookup cache whenever the keys table changes (a lifespan task)."""
+        if self.settings.auth == "none":
+            return
+        while True:
+            try:
+                version = await self.db.api_keys_version()
+            except Exception:  # the check failed: trust nothing cached until it works again
+                log.exception("checking the API keys failed; dropping cached keys")
+                version = None
+            if version is None or version != self._version:
+                self._cache.clear()
+            self._version = version
+            await asyncio.sleep(interval_s)
 
     async def authenticate(self, authorization: str | None) -> ApiKeyRow | None:
         """The calling key; None when auth is off. Raises InvalidApiKey."""

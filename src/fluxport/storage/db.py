@@ -885,6 +885,13 @@ class Database:
         async with self.sessions() as session:
             return int(await session.scalar(select(func.count()).select_from(ApiKeyRecord)) or 0)
 
+    async def api_keys_version(self) -> tuple[int, int, datetime | None]:
+        """What changes when a key is created or revoked: (keys, revoked keys, latest revocation)."""
+        stmt = select(func.count(), func.count(ApiKeyRecord.revoked_at), func.max(ApiKeyRecord.revoked_at))
+        async with self.sessions() as session:
+            count, revoked, latest = (await session.execute(stmt)).one()
+            return int(count), int(revoked), latest
+
     async def api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
         async with self.sessions() as session:
             record = await session.scalar(select(ApiKeyRecord).where(ApiKeyRecord.hash == key_hash))
