@@ -19,7 +19,7 @@ from fluxport.domain.errors import ContentPolicyViolation, InvalidRequest, Provi
 from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
 from fluxport.providers._hosted import HttpPolicy
 from fluxport.providers.base import Behaviour, ProgressEvent, Provider
-from fluxport.providers.fal import FalProvider
+from fluxport.providers.fal import FalProvider, _lines
 from fluxport.settings import Settings
 from tests.emulators import EmulatorConfig, FalEmulator, Fault, FaultKind, seed_colour
 
@@ -667,3 +667,22 @@ async def test_waits_beyond_max_streams_poll(emu: FalEmulator) -> None:
     polled = {r.path.split("/")[-2] for r in emu.requests_to("GET", "/status")}
     assert len(polled) == 2
     assert provider._streams == 0
+
+
+@pytest.mark.parametrize(
+    ("chunks", "lines"),
+    [
+        ([b"data: a\n\n"], ["data: a", ""]),
+        ([b"data: a\r", b"\n\r\n"], ["data: a", ""]),  # a CRLF split across chunks is one line end
+        ([b"data: a\rdata: b\r\r"], ["data: a", "data: b", ""]),  # CR alone ends a line too
+        ([b"da", b"ta: x\n", b"\n"], ["data: x", ""]),
+        ([b"tail"], ["tail"]),  # an unterminated last line still comes out
+        ([b"\xc3", b"\xa9\n"], ["\u00e9"]),  # a UTF-8 character split across chunks
+    ],
+)
+async def test_status_stream_lines_split_on_every_sse_line_end(chunks: list[bytes], lines: list[str]) -> None:
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    assert [line async for line in _lines(stream())] == lines

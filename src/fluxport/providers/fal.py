@@ -241,7 +241,7 @@ class FalProvider:
                 if response.status_code != 200 or not kind.startswith("text/event-stream"):
                     log.debug("fal: status stream answered %s %s; polling", response.status_code, kind)
                     return False
-                async for data in _sse_data(response.aiter_lines()):
+                async for data in _sse_data(_lines(response.aiter_bytes())):
                     try:
                         status = json.loads(data)
                     except ValueError:
@@ -394,6 +394,22 @@ def _stream_url(status_url: str) -> str:
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "logs"]
     query.append(("logs", "1"))
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/stream", query=urlencode(query)))
+
+
+async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """UTF-8 lines of a byte stream, ended by CRLF, LF or CR (as SSE allows), split on bytes: the
+    stream carries an event every fraction of a second for every request in flight."""
+    buffer = b""
+    async for chunk in chunks:
+        lines = (buffer + chunk).splitlines(keepends=True)
+        buffer = b""
+        # The last piece is unfinished unless a line end closes it; a final CR may be half a CRLF.
+        if lines and (lines[-1].endswith(b"\r") or not lines[-1].endswith(b"\n")):
+            buffer = lines.pop()
+        for line in lines:
+            yield line.rstrip(b"\r\n").decode("utf-8", "replace")
+    if buffer:
+        yield buffer.rstrip(b"\r\n").decode("utf-8", "replace")
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
