@@ -686,3 +686,23 @@ async def test_status_stream_lines_split_on_every_sse_line_end(chunks: list[byte
             yield chunk
 
     assert [line async for line in _lines(stream())] == lines
+
+
+@pytest.mark.parametrize("via_stream", [True, False])
+async def test_no_progress_logs_are_asked_for_when_nobody_follows_the_steps(
+    emu: FalEmulator, via_stream: bool
+) -> None:
+    """A plain API call (report_steps=False) needs fal's state changes, not its step logs: fewer
+    and smaller status events. The call completes the same."""
+    emu.config.run = 0.3
+    emu.config.status_stream = via_stream
+    fal = FalProvider(Settings(fal_key="k", fal_url=emu.base_url), policy=POLICY)
+    events: list[ProgressEvent] = []
+    try:
+        result = await fal.generate(make_job(report_steps=False), events.append)
+    finally:
+        await fal.aclose()
+    status = emu.requests_to("GET", "/status/stream" if via_stream else "/status")
+    assert status and all(r.query.get("logs") == "0" for r in status)
+    assert len(result.images) == 1 and close(pixel(result.images[0].content), seed_colour(1234))
+    assert not any(e.stage == "step" and e.step > 0 for e in events)

@@ -73,6 +73,9 @@ class ImageJob:
     references: tuple[ReferenceImage, ...] = ()
     # Provider-specific and unknown fields, handed on untouched.
     extras: Mapping[str, Any] = field(default_factory=dict)
+    # Someone follows the step-by-step progress (playground, CLI); a plain API call does not, so
+    # a hosted provider need not send its progress logs.
+    report_steps: bool = True
 
     def image_seed(self, index: int) -> int:
         return self.seed + index

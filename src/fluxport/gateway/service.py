@@ -411,6 +411,8 @@ class ImageService:
         The record is queued first and committed while the first provider call starts (they take
         about as long), not before it: the task fails, and cancels that call, if the record fails.
         """
+        if progress is no_progress:  # nobody follows the steps: providers may skip their logs
+            prepared = replace(prepared, job=replace(prepared.job, report_steps=False))
         job = prepared.job
         created = self.db.create_request(
             id=job.request_id,

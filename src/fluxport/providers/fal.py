@@ -195,7 +195,7 @@ class FalProvider:
         completed = False
         billed = False  # fal produced the output it charges for
         try:
-            await self._wait(status_url, t0, timings, report)
+            await self._wait(status_url, job.report_steps, t0, timings, report)
             completed = True
             result = await self._http.request("GET", response_url, idempotent=True, headers=self._headers())
             if result.status_code >= 400:
@@ -210,24 +210,27 @@ class FalProvider:
             self._http.reraise_abandoned(exc, billed)
             raise
 
-    async def _wait(self, status_url: str, t0: float, timings: AttemptTimings, report: Progress) -> None:
-        """Return once the request is COMPLETED: from the status stream, else by polling."""
+    async def _wait(
+        self, status_url: str, logs: bool, t0: float, timings: AttemptTimings, report: Progress
+    ) -> None:
+        """Return once the request is COMPLETED: from the status stream, else by polling. `logs`:
+        ask for fal's progress logs (the step counts), only when someone follows the steps."""
         if self.status_stream and self._streams < self.max_streams:
             self._streams += 1
             try:
-                if await self._follow_stream(status_url, t0, timings, report):
+                if await self._follow_stream(status_url, logs, t0, timings, report):
                     return
             finally:
                 self._streams -= 1
-        await self._poll(status_url, t0, timings, report)
+        await self._poll(status_url, logs, t0, timings, report)
 
     async def _follow_stream(
-        self, status_url: str, t0: float, timings: AttemptTimings, report: Progress
+        self, status_url: str, logs: bool, t0: float, timings: AttemptTimings, report: Progress
     ) -> bool:
         """Read the SSE status stream; True once COMPLETED came, False when the stream could not
         be opened or broke off first (the caller then polls). The read timeout applies per chunk,
         `max_wait_s` to the whole wait; a cancelled caller closes the stream on the way out."""
-        url = _stream_url(status_url)
+        url = _stream_url(status_url, logs)
         remaining = self.policy.max_wait_s - (time.monotonic() - t0)
         headers = self._headers() | {"Accept": "text/event-stream"}
         try:
@@ -262,11 +265,17 @@ class FalProvider:
         log.info("fal: status stream ended before COMPLETED; polling")
         return False
 
-    async def _poll(self, status_url: str, t0: float, timings: AttemptTimings, report: Progress) -> None:
+    async def _poll(
+        self, status_url: str, logs: bool, t0: float, timings: AttemptTimings, report: Progress
+    ) -> None:
         interval = self.policy.poll_interval_s
         while True:
             response = await self._http.request(
-                "GET", status_url, idempotent=True, params={"logs": "1"}, headers=self._headers()
+                "GET",
+                status_url,
+                idempotent=True,
+                params={"logs": "1" if logs else "0"},
+                headers=self._headers(),
             )
             if response.status_code >= 400:
                 raise _client_error(response)
@@ -388,11 +397,11 @@ class FalProvider:
             return False
 
 
-def _stream_url(status_url: str) -> str:
-    """`{status_url}/stream`, keeping the status URL's query, with logs=1."""
+def _stream_url(status_url: str, logs: bool = True) -> str:
+    """`{status_url}/stream`, keeping the status URL's query, with logs=1 (or 0)."""
     parts = urlsplit(status_url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "logs"]
-    query.append(("logs", "1"))
+    query.append(("logs", "1" if logs else "0"))
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/stream", query=urlencode(query)))
 
 
