@@ -6,8 +6,9 @@ concurrent clients) the same closed-loop load runs twice, each client looping re
 `--duration` seconds after a staggered start:
 
   direct    an httpx client speaking fal's queue protocol to the emulator the way fluxport's fal
-            adapter does: submit, the SSE status stream until COMPLETED (polling if the stream
-            cannot be opened), the result, the image download;
+            adapter does for an API call: submit, the SSE status stream until COMPLETED (without
+            progress logs, as nobody follows the steps; polling if the stream cannot be opened),
+            the result, the image download;
   fluxport  the openai SDK's AsyncOpenAI (or `--client httpx`: the same JSON with raw httpx)
             calling images.generate(model="flux.2-dev", size="512x512", provider fal) on a real
             `fluxport serve` subprocess pointed at the same emulator, with API keys on (the
@@ -383,7 +384,7 @@ class Direct:
 
     async def _stream(self, status_url: str) -> bool:
         url = httpx.URL(status_url)
-        url = url.copy_with(path=url.path.rstrip("/") + "/stream").copy_set_param("logs", "1")
+        url = url.copy_with(path=url.path.rstrip("/") + "/stream").copy_set_param("logs", "0")
         headers = self.headers | {"Accept": "text/event-stream"}
         try:
             async with self.http.stream("GET", url, headers=headers) as response:
@@ -401,7 +402,7 @@ class Direct:
     async def _poll(self, status_url: str) -> Outcome | None:
         interval = self.poll_s
         while True:
-            r = await self.http.get(status_url, params={"logs": "1"}, headers=self.headers)
+            r = await self.http.get(status_url, params={"logs": "0"}, headers=self.headers)
             if r.status_code >= 400:
                 return http_error("status", r)
             if r.json().get("status") == "COMPLETED":
