@@ -274,9 +274,8 @@ async def _run_async(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(settings.resolved_database_url)
     providers = build_providers(settings)
-    service = ImageService(
-        settings, db, BlobStore(settings.images_dir, fsync=settings.image_fsync), providers
-    )
+    blobs = BlobStore(settings.images_dir, fsync=settings.image_fsync)
+    service = ImageService(settings, db, blobs, providers)
     t0 = time.monotonic()
     try:
         req = parse_image_request(fields)
@@ -317,6 +316,7 @@ async def _run_async(
     finally:
         for provider in providers.values():
             await provider.aclose()
+        await asyncio.to_thread(blobs.close)  # its fsyncs done before the command returns
         await db.close()
     paths = []
     for i, img in enumerate(done.images):
@@ -441,7 +441,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list() -> None:
     """Every key: id, name, prefix, limits, created, revoked, and this month's spend."""
-    from fluxport.keys import month_start
+    from fluxport.keys import month_start, shown_prefix
 
     async def go() -> list[tuple[Any, float]]:
         db = await _open_db()
@@ -459,7 +459,7 @@ def keys_list() -> None:
         table.add_row(
             row.id,
             row.name,
-            f"{row.prefix}…",
+            shown_prefix(row),
             f"{row.rate_limit_per_minute}/min" if row.rate_limit_per_minute else "-",
             _usd(row.monthly_budget_usd) if row.monthly_budget_usd is not None else "-",
             row.created_at.strftime("%Y-%m-%d %H:%M"),
@@ -477,7 +477,7 @@ def keys_revoke(
     key: Annotated[str, typer.Argument(help="Key id (key_...), its prefix (fp_...) or the key itself.")],
 ) -> None:
     """Revoke a key; servers refuse it within a few seconds."""
-    from fluxport.keys import find_key
+    from fluxport.keys import find_key, shown_prefix
 
     async def go() -> Any:
         db = await _open_db()
@@ -495,7 +495,7 @@ def keys_revoke(
     if row is None:
         console.print(f"[red]error[/]: no key matches {key!r}; see `fluxport keys list`.")
         raise typer.Exit(1)
-    console.print(f"Revoked {row.id} ({row.name}, {row.prefix}…).")
+    console.print(f"Revoked {row.id} ({row.name}, {shown_prefix(row)}).")
 
 
 async def _open_db() -> Any:

@@ -8,6 +8,15 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Where fal and Replicate serve result images (FLUXPORT_DOWNLOAD_HOSTS' default).
+DEFAULT_DOWNLOAD_HOSTS: tuple[str, ...] = (
+    "fal.media",
+    "fal.run",
+    "fal.ai",
+    "replicate.delivery",
+    "replicate.com",
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUXPORT_", env_file=None, extra="ignore")
@@ -86,7 +95,7 @@ class Settings(BaseSettings):
     )
     # Hosts result images may be downloaded from (besides the configured provider URLs' own hosts).
     download_hosts: list[str] = Field(
-        default_factory=lambda: ["fal.media", "fal.run", "fal.ai", "replicate.delivery", "replicate.com"],
+        default_factory=lambda: list(DEFAULT_DOWNLOAD_HOSTS),
         description="Result images are fetched only over https from these domains (and their subdomains).",
     )
 

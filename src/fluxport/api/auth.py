@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fluxport.domain.errors import BudgetExceeded, FluxportError, InvalidApiKey, RateLimited
-from fluxport.keys import hash_key, month_start
+from fluxport.keys import hash_key, month_start, shown_prefix
 from fluxport.settings import Settings
 from fluxport.storage.db import ApiKeyRow, Database
 
@@ -38,7 +38,8 @@ def protected(path: str) -> bool:
 
 @dataclass
 class KeyAuth:
-    """Key lookups (cached briefly), the per-key sliding-window rate limiter and the budget check.
+    """Key lookups (cached until the keys table changes), the per-key sliding-window rate
+    limiter and the budget check.
 
     The rate limiter is in memory, per process: N server processes allow up to N times the limit.
     """
@@ -91,7 +92,7 @@ class KeyAuth:
         if row is None:
             raise InvalidApiKey("Incorrect API key provided.")
         if row.revoked_at is not None:
-            raise InvalidApiKey(f"API key {row.prefix}… was revoked.")
+            raise InvalidApiKey(f"API key {shown_prefix(row)} was revoked.")
         return row
 
     def check_rate(self, key: ApiKeyRow) -> None:
@@ -106,7 +107,7 @@ class KeyAuth:
         if len(window) >= limit:
             retry_after = window[0] + RATE_WINDOW_S - now
             raise RateLimited(
-                f"Rate limit reached for API key {key.prefix}…: {limit} requests per minute. "
+                f"Rate limit reached for API key {shown_prefix(key)}: {limit} requests per minute. "
                 f"Try again in {max(1, round(retry_after))} s.",
                 retry_after=retry_after,
             )
@@ -119,7 +120,7 @@ class KeyAuth:
         spent = await self.db.key_spend(key.id, since=month_start())
         if spent >= key.monthly_budget_usd:
             raise BudgetExceeded(
-                f"API key {key.prefix}… has spent ${spent:.4f} this month (UTC), which reaches its "
+                f"API key {shown_prefix(key)} has spent ${spent:.4f} this month (UTC), which reaches its "
                 f"monthly budget of ${key.monthly_budget_usd:.4f}. Raise the budget or wait for next month."
             )
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from fluxport.api.auth import calling_key
 from fluxport.gateway.service import ImageService
-from fluxport.keys import month_start
+from fluxport.keys import month_start, shown_prefix
 from fluxport.storage.db import UsageTotals
 
 router = APIRouter(tags=["usage"])
@@ -67,7 +67,7 @@ async def usage(request: Request) -> UsageObject:
         info = KeyInfo(
             id=key.id,
             name=key.name,
-            prefix=f"{key.prefix}…",
+            prefix=shown_prefix(key),
             rate_limit_per_minute=key.rate_limit_per_minute,
             monthly_budget_usd=key.monthly_budget_usd,
         )

@@ -866,7 +866,7 @@ class ImageService:
             output_megapixels=sum(billable_megapixels(img.size) for img in result.images),
             cost_usd=ledger.total,
         )
-        ledger.queue_deferred()
+        attempts = ledger.queue_deferred()
         images_added = self.db.add_images(rows)
         finished = self.db.finish_request(
             job.request_id,
@@ -884,8 +884,7 @@ class ImageService:
             cost_usd=ledger.total,
         )
         # The attempts, the images and the outcome: queued together, one transaction.
-        await asyncio.gather(*ledger.writes, images_added, finished)
-        ledger.writes.clear()
+        await asyncio.gather(*attempts, images_added, finished)
         self.metrics.observe_request(
             job.model, job.operation.value, "succeeded", time.monotonic() - t0, ledger.total
         )
@@ -939,23 +938,20 @@ def _ms(seconds: float | None) -> float | None:
 @dataclass
 class Ledger:
     """What the providers billed for one request so far, across every attempt, and the attempt
-    records queued but not yet awaited."""
+    records still to write (with the request's outcome, in one transaction)."""
 
     total: float = 0.0
-    # Attempt records to write with the request's outcome (one transaction), and those queued.
     deferred: list[Callable[[], asyncio.Future[None]]] = field(default_factory=list)
-    writes: list[asyncio.Future[None]] = field(default_factory=list)
 
-    def queue_deferred(self) -> None:
+    def queue_deferred(self) -> list[asyncio.Future[None]]:
+        """Queue the deferred attempt records now; their futures."""
         deferred, self.deferred = self.deferred, []
-        self.writes.extend(write() for write in deferred)
+        return [write() for write in deferred]
 
     async def settle(self) -> None:
-        """Wait for the attempt records (a failure is logged, not raised: the request's own
-        outcome is recorded next all the same)."""
-        self.queue_deferred()
-        writes, self.writes = self.writes, []
-        for outcome in await asyncio.gather(*writes, return_exceptions=True):
+        """Write the attempt records not yet queued (a failure is logged, not raised: the
+        request's own outcome is recorded next all the same)."""
+        for outcome in await asyncio.gather(*self.queue_deferred(), return_exceptions=True):
             if isinstance(outcome, BaseException):
                 log.error("an attempt record could not be written: %r", outcome)
 

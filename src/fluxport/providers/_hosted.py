@@ -25,6 +25,7 @@ from fluxport.domain.errors import FluxportError, ProviderFailure, RateLimited
 from fluxport.domain.job import ReferenceImage, Size
 from fluxport.media import sniff_format
 from fluxport.providers.base import BilledCancellation, GeneratedImage, ProgressCallback, ProgressEvent, Stage
+from fluxport.settings import DEFAULT_DOWNLOAD_HOSTS
 
 if TYPE_CHECKING:
     from fluxport.settings import Settings
@@ -237,7 +238,7 @@ class Http:
         """`guard`: where result images may come from; None allows only the default hosts."""
         self.provider = provider
         self.policy = policy
-        self.guard = guard or DownloadGuard.of(_DEFAULT_DOWNLOAD_HOSTS)
+        self.guard = guard or DownloadGuard.of(DEFAULT_DOWNLOAD_HOSTS)
         self._own = client is None
         limits = httpx.Limits(
             max_connections=policy.max_connections, max_keepalive_connections=policy.max_connections
@@ -421,16 +422,6 @@ class Http:
 
 class _Transient(Exception):
     pass
-
-
-# Settings.download_hosts' default; used when an Http is built without a guard.
-_DEFAULT_DOWNLOAD_HOSTS: tuple[str, ...] = (
-    "fal.media",
-    "fal.run",
-    "fal.ai",
-    "replicate.delivery",
-    "replicate.com",
-)
 
 
 def _decode_data_uri(url: str, provider: str, limit: int) -> bytes:

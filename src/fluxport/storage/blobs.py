@@ -46,7 +46,7 @@ class BlobStore:
     ) -> None:
         self.root = Path(root).resolve()
         self.fsync_before_return = fsync == "before_answer"
-        self._syncing: set[asyncio.Future[None]] = set()
+        self._syncing: asyncio.Future[None] | None = None  # the one fsync job under way
         self._unsynced: list[Path] = []
         self._closing = False
         # Writes wait on fsync, not on the CPU: their own threads, so that a burst of saves under
@@ -107,12 +107,11 @@ class BlobStore:
 
     def _sync_next(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._unsynced = self._unsynced, []
-        synced = loop.run_in_executor(self._writers, _fsync_written, batch)
-        self._syncing.add(synced)
-        synced.add_done_callback(lambda future: self._synced(future, loop))
+        self._syncing = loop.run_in_executor(self._writers, _fsync_written, batch)
+        self._syncing.add_done_callback(lambda future: self._synced(future, loop))
 
     def _synced(self, future: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
-        self._syncing.discard(future)
+        self._syncing = None
         if not future.cancelled() and future.exception() is not None:
             log.error("fsync of saved images failed: %r", future.exception())
         if self._unsynced and not self._closing and not loop.is_closed():
