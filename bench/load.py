@@ -18,6 +18,12 @@ Both paths share one kept-alive connection pool per step: httpx over aiohttp's p
 openai SDK offers as DefaultAioHttpClient; `--transport httpcore` for httpx's own), so that the
 load generator stays cheap next to what it measures.
 
+In the unloaded step it also measures one extra HTTP hop alone: the same client and pool calling
+a no-op server on fluxport's own stack (uvicorn with uvloop and httptools, Starlette) that answers
+at once with an answer shaped like fluxport's, one call every `--latency` seconds as the other
+phases pace theirs. Every gateway adds at least that hop; it is printed with fluxport's own share
+of the added latency (added - hop).
+
 It prints, per step and path: completed requests, throughput, p50/p95/p99 latency, errors by kind
 (429 with Retry-After counted apart, as deliberate; the client then waits Retry-After), the CPU
 each process used, the client's event-loop lag, fluxport's peak RSS (children included); then
@@ -137,6 +143,35 @@ for line in sys.stdin:
 emulator.stop()
 """
 
+# The hop floor: a server on fluxport's stack that does nothing but answer. Prints its URL when up.
+HOP = r"""
+import socket, sys
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+ANSWER = {
+    "created": 1, "model": "flux.2-dev", "output_format": "png", "size": "512x512", "expires_at": 86401,
+    "data": [{"url": "http://127.0.0.1/images/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.png", "seed": 1}],
+    "usage": {"images": 1, "output_megapixels": 0.262144, "cost_usd": 0.012,
+              "input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+}
+
+
+async def generations(request):
+    await request.body()
+    return JSONResponse(ANSWER, headers={"x-fluxport-provider": "fal", "x-fluxport-cost-usd": "0.012000"})
+
+
+app = Starlette(routes=[Route("/v1/images/generations", generations, methods=["POST"])])
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+config = uvicorn.Config(app, log_level="warning")
+uvicorn.Server(config).run(sockets=[sock])
+"""
+
 
 # ---------------------------------------------------------------------------------------------
 # Processes
@@ -180,6 +215,26 @@ class EmulatorProcess:
             assert self.proc.stdin is not None
             self.proc.stdin.write("quit\n")
             self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class HopProcess:
+    """The no-op server of the hop floor (HOP)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", HOP], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http"):
+            self.proc.kill()
+            raise RuntimeError("the no-op server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -618,6 +673,26 @@ async def run_phase(
     return Phase(path, clients, duration_s, samples, (start_at, stop_at), cpu, lag_ms, wall)
 
 
+async def measure_hop(
+    call: Callable[[int], Awaitable[Outcome]], duration_s: float, pace_s: float, seeds: Iterator[int]
+) -> list[float]:
+    """One call every `pace_s` (idle in between, as an unloaded request through fluxport is while
+    it waits for the provider) for `duration_s`; each call's milliseconds. One unmeasured first."""
+    times: list[float] = []
+    stop_at = time.monotonic() + pace_s + duration_s
+    first = True
+    while time.monotonic() < stop_at:
+        await asyncio.sleep(pace_s)
+        begin = time.monotonic()
+        outcome, _ = await call(next(seeds))
+        if outcome != "ok":
+            raise RuntimeError(f"the no-op server's answer did not satisfy the client: {outcome}")
+        if not first:
+            times.append((time.monotonic() - begin) * 1000)
+        first = False
+    return times
+
+
 # ---------------------------------------------------------------------------------------------
 # Reporting
 
@@ -628,6 +703,11 @@ class Step:
     direct: Phase
     fluxport: Phase
     notes: list[str] = field(default_factory=list)
+    hop_ms: list[float] = field(default_factory=list)  # unloaded: the hop floor's calls
+
+    @property
+    def hop_p50(self) -> float:
+        return nearest_rank(self.hop_ms, 0.5)
 
     @property
     def label(self) -> str:
@@ -686,6 +766,13 @@ def print_step(step: Step) -> None:
                 f"  {name:<22} {dp[0]:>8.1f}/{dp[1]:<9.1f} {fp[0]:>8.1f}/{fp[1]:<9.1f}"
                 f" {fp[0] - dp[0]:>+10.1f}"
             )
+    if step.hop_ms:
+        own = step.added_ms(0.5) - step.hop_p50
+        print(
+            f"  one extra HTTP hop alone (a no-op server on fluxport's stack, the same client): "
+            f"p50 {step.hop_p50:.2f} ms, p99 {nearest_rank(step.hop_ms, 0.99):.2f} ms "
+            f"({len(step.hop_ms)} calls); fluxport's own share of the added p50: {own:+.2f} ms"
+        )
     for note in step.notes:
         print(f"note: {note}")
 
@@ -704,6 +791,12 @@ def check_targets(steps: list[Step], peak_rss: int) -> list[tuple[str, bool | No
         )
     )
 
+    def unloaded(s: Step) -> tuple[bool, str]:
+        figure = f"{s.added_ms(0.5):+.2f} ms"
+        if s.hop_ms:
+            figure += f" (the hop alone: {s.hop_p50:.2f} ms)"
+        return s.added_ms(0.5) <= 2, figure
+
     def at(clients: int, name: str, test: Callable[[Step], tuple[bool, str]]) -> None:
         step = by.get(clients)
         if step is None:
@@ -719,7 +812,7 @@ def check_targets(steps: list[Step], peak_rss: int) -> list[tuple[str, bool | No
         lambda s: (s.added_ms(0.99) <= 100, f"{s.added_ms(0.99):+.1f} ms"),
     )
     at(500, "500 clients: throughput >= 0.9 x direct", lambda s: (s.ratio >= 0.9, f"{s.ratio:.3f} x"))
-    at(1, "unloaded: added p50 <= 2 ms", lambda s: (s.added_ms(0.5) <= 2, f"{s.added_ms(0.5):+.2f} ms"))
+    at(1, "unloaded: added p50 <= 2 ms", unloaded)
     rows.append(("fluxport peak RSS <= 500 MiB", peak_rss <= 500 * MIB, f"{peak_rss / MIB:.0f} MiB"))
     return rows
 
@@ -763,7 +856,9 @@ def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes
     )
 
 
-async def bench(args: argparse.Namespace, emulator: EmulatorProcess, fluxport: FluxportProcess) -> int:
+async def bench(
+    args: argparse.Namespace, emulator: EmulatorProcess, fluxport: FluxportProcess, hop: HopProcess
+) -> int:
     procs = {
         "fluxport": psutil.Process(fluxport.proc.pid),
         "emulator": psutil.Process(emulator.proc.pid),
@@ -811,6 +906,12 @@ async def bench(args: argparse.Namespace, emulator: EmulatorProcess, fluxport: F
                 phase.attribute(emulator.stages())
                 phases[path] = phase
             step = Step(clients, phases["direct"], phases["fluxport"])
+            if clients == 1:
+                with client_pool(1, args.transport) as http:
+                    step.hop_ms = await measure_hop(
+                        through(hop.url, KEY, http), args.duration, args.latency, seeds
+                    )
+                    await http.aclose()
             for phase in (step.direct, step.fluxport):
                 if phase.polled:
                     step.notes.append(
@@ -892,6 +993,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     started = time.monotonic()
     emulator = EmulatorProcess(args.latency)
+    hop = HopProcess()
     try:
         with tempfile.TemporaryDirectory(prefix="fluxport-load-") as tmp:
             fluxport = FluxportProcess(emulator.base_url, Path(tmp))
@@ -903,10 +1005,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"(pid {fluxport.proc.pid}); client pid {os.getpid()} ({args.client})",
                     flush=True,
                 )
-                code = runner(bench(args, emulator, fluxport))
+                code = runner(bench(args, emulator, fluxport, hop))
             finally:
                 fluxport.stop()
     finally:
+        hop.stop()
         emulator.stop()
     print(f"done in {time.monotonic() - started:.0f} s")
     return code
