@@ -616,6 +616,31 @@ async def test_blob_save_and_read(tmp_path: Path, fsync: Literal["before_answer"
     assert not store._syncing
 
 
+async def test_blob_fsync_after_answer_waits_for_sync_soon(tmp_path: Path) -> None:
+    """after_answer: saves are not fsynced while their caller still commits its records; sync_soon()
+    starts one background job for every blob saved so far, and close() flushes what is left."""
+    store = BlobStore(tmp_path, fsync="after_answer")
+    first = await store.save(new_image_id(), b"one", "png")
+    await store.save(new_image_id(), b"two", "png")
+    assert store._syncing is None
+    assert len(store._unsynced) == 2
+
+    store.sync_soon()
+    job = store._syncing
+    assert job is not None and not store._unsynced  # one job took both
+    await job
+    assert store._syncing is None
+    store.sync_soon()  # nothing pending: no job
+    assert store._syncing is None
+
+    # A blob deleted before its fsync is skipped, not an error; close() syncs what is pending.
+    await store.delete(first)
+    await store.save(new_image_id(), b"three", "png")
+    store._unsynced.append(store.root / first)
+    await asyncio.to_thread(store.close)
+    assert not store._unsynced
+
+
 async def test_blob_overwrite_is_atomic_for_readers(tmp_path: Path) -> None:
     """A reader sees the whole old file or the whole new one, never a mix or a truncation."""
     store = BlobStore(tmp_path)

@@ -883,8 +883,12 @@ class ImageService:
             revised_prompt=result.revised_prompt,
             cost_usd=ledger.total,
         )
-        # The attempts, the images and the outcome: queued together, one transaction.
-        await asyncio.gather(*attempts, images_added, finished)
+        # The attempts, the images and the outcome: queued together, one transaction. The images'
+        # fsync (FLUXPORT_IMAGE_FSYNC=after_answer) waits for it: both would hit the disk at once.
+        try:
+            await asyncio.gather(*attempts, images_added, finished)
+        finally:
+            self.blobs.sync_soon()
         self.metrics.observe_request(
             job.model, job.operation.value, "succeeded", time.monotonic() - t0, ledger.total
         )

@@ -36,9 +36,11 @@ class BlobStore:
 
     A save is atomic (temp file, then rename): readers, and a process that dies, see all of a blob
     or none of it. It is made durable against power loss (fsync of the file and its directory)
-    before save() returns with `fsync="before_answer"`, or right after it on the writer threads
-    with `fsync="after_answer"`, which spares the caller the wait; a blob torn by a power cut in
-    that window is found by its size and removed with its record at start-up (storage/repair.py).
+    before save() returns with `fsync="before_answer"`; with `fsync="after_answer"` on the writer
+    threads once the caller says its answer is out (sync_soon(), or close()), which spares the
+    caller the wait and keeps the fsync off the disk while its records commit; a blob torn by a
+    power cut in that window is found by its size and removed with its record at start-up
+    (storage/repair.py).
     """
 
     def __init__(
@@ -98,12 +100,16 @@ class BlobStore:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writers, self._write, target, content, self.fsync_before_return)
         if not self.fsync_before_return:
-            # One sync job at a time takes every file saved meanwhile (and fsyncs each directory
-            # once): under load, a few thread hops for many files rather than one per file.
             self._unsynced.append(target)
-            if not self._syncing:
-                self._sync_next(loop)
         return rel
+
+    def sync_soon(self) -> None:
+        """Start making the blobs saved so far durable, in the background (`after_answer`).
+
+        One sync job at a time takes every file saved meanwhile (and fsyncs each directory once):
+        under load, a few thread hops for many files rather than one per file."""
+        if self._unsynced and not self._syncing and not self._closing:
+            self._sync_next(asyncio.get_running_loop())
 
     def _sync_next(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._unsynced = self._unsynced, []
