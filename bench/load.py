@@ -830,6 +830,21 @@ def raise_fd_limit(clients: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def file_create_ms(directory: Path, files: int = 200) -> float:
+    """Median milliseconds to create, write and close a small new file in `directory`: every image
+    fluxport stores is a new file, and this cost differs widely between machines (VM disks)."""
+    times = []
+    payload = b"x" * 4096
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".create-") as scratch:
+        for i in range(files):
+            begin = time.perf_counter()
+            fd = os.open(os.path.join(scratch, f"{i}.png"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, payload)
+            os.close(fd)
+            times.append((time.perf_counter() - begin) * 1000)
+    return nearest_rank(times, 0.5)
+
+
 def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
@@ -1002,7 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"load benchmark: steps {args.steps}, {args.duration:g} s per phase after a "
                     f"{args.ramp:g} s staggered start; fal emulator at {emulator.base_url} "
                     f"(pid {emulator.proc.pid}, generation {args.latency:g} s); fluxport at {fluxport.url} "
-                    f"(pid {fluxport.proc.pid}); client pid {os.getpid()} ({args.client})",
+                    f"(pid {fluxport.proc.pid}); client pid {os.getpid()} ({args.client}); "
+                    f"creating a small file in fluxport's data dir takes {file_create_ms(Path(tmp)):.3f} ms "
+                    "here (median)",
                     flush=True,
                 )
                 code = runner(bench(args, emulator, fluxport, hop))

@@ -30,5 +30,6 @@ def test_load_benchmark_quick_runs_and_prints_its_table() -> None:
     assert out.count("\ndirect ") == 2 and out.count("\nfluxport ") == 2, out
     assert "added latency (fluxport - direct)" in out
     assert "where the time goes (ms)" in out
+    assert "creating a small file in fluxport's data dir takes" in out
     assert "one extra HTTP hop alone" in out and "fluxport's own share of the added p50" in out
     assert "targets (" in out and "fluxport peak RSS <= 500 MiB" in out
