@@ -680,17 +680,14 @@ async def measure_hop(
     it waits for the provider) for `duration_s`; each call's milliseconds. One unmeasured first."""
     times: list[float] = []
     stop_at = time.monotonic() + pace_s + duration_s
-    first = True
     while time.monotonic() < stop_at:
         await asyncio.sleep(pace_s)
         begin = time.monotonic()
         outcome, _ = await call(next(seeds))
         if outcome != "ok":
             raise RuntimeError(f"the no-op server's answer did not satisfy the client: {outcome}")
-        if not first:
-            times.append((time.monotonic() - begin) * 1000)
-        first = False
-    return times
+        times.append((time.monotonic() - begin) * 1000)
+    return times[1:]
 
 
 # ---------------------------------------------------------------------------------------------

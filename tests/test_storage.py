@@ -736,21 +736,7 @@ async def test_a_database_at_revision_0001_upgrades_to_head(tmp_path: Path) -> N
     db = await Database.open(url)
     try:
         await db.create_request(id="req_old", model="m", operation="generate", prompt="p", params={}, n=1)
-        await db.finish_request(
-            "req_old",
-            status="succeeded",
-            provider="fal",
-            error=None,
-            queued_ms=None,
-            generation_ms=None,
-            ttfb_ms=None,
-            total_ms=None,
-            width=None,
-            height=None,
-            images=0,
-            revised_prompt=None,
-            cost_usd=0.5,
-        )
+        await _finish_ok(db, "req_old", provider="fal", cost_usd=0.5)
         row = await db.get_request("req_old")
         assert row is not None and row.cost_usd == 0.5
     finally:
@@ -784,20 +770,7 @@ async def test_one_failing_write_does_not_sink_its_batch(db: Database) -> None:
     outcomes = await asyncio.gather(
         *(_new_request(db, rid) for rid in fresh[:2]),
         _new_request(db, taken),  # the same id again: this write alone fails
-        db.finish_request(
-            "req_missing",
-            status="failed",
-            provider=None,
-            error=None,
-            queued_ms=None,
-            generation_ms=None,
-            ttfb_ms=None,
-            total_ms=None,
-            width=None,
-            height=None,
-            images=0,
-            revised_prompt=None,
-        ),
+        _finish_ok(db, "req_missing", status="failed", provider=None, images=0),
         *(_new_request(db, rid) for rid in fresh[2:]),
         return_exceptions=True,
     )
