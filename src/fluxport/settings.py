@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         default=None, description="Base URL for image links; defaults to the request's own base URL."
     )
-    default_model: str = "flux.2-dev"
+    # The model of a request that names none (the SDK's default shape); unset: the first model in
+    # the catalog with a configured provider (flux.2-dummy when nothing else is configured).
+    default_model: str | None = None
 
     # Storage: SQLite file and image files under data_dir unless database_url says otherwise.
     data_dir: Path = Path("./data")

@@ -324,7 +324,7 @@ async def model_page(model_id: str, request: Request) -> Response:
 def _playground_context(request: Request, service: ImageService, **context: Any) -> dict[str, Any]:
     models = _available(service)
     ids = [m.id for m in models]
-    default = service.settings.default_model if service.settings.default_model in ids else None
+    default = service.default_model if service.default_model in ids else None
     selected = default or (ids[0] if ids else None)
     spec = find_model(selected) if selected else None
     ratios = list(spec.ratios) if spec else []

@@ -45,6 +45,7 @@ from fluxport.providers.base import (
     ProviderState,
     no_progress,
 )
+from fluxport.providers.registry import default_model
 from fluxport.settings import Settings
 from fluxport.storage.blobs import BlobStore, new_image_id
 from fluxport.storage.db import Database, ImageRow
@@ -125,11 +126,12 @@ class ImageService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._decode_slots = asyncio.Semaphore(2)
         self.router = Router(settings)
+        self.default_model = default_model(settings, self.providers)
 
     # -- models ---------------------------------------------------------------------------------
 
     def spec(self, model: str | None) -> ModelSpec:
-        model_id = model or self.settings.default_model
+        model_id = model or self.default_model
         spec = find_model(model_id)
         if spec is None:
             known = ", ".join(MODELS)
@@ -335,7 +337,7 @@ class ImageService:
         safe = {k: v for k, v in fields.items() if k != "prompt" and isinstance(v, str | int | float | bool)}
         created = self.db.create_request(
             id=request_id,
-            model=(model or self.settings.default_model)[:200],
+            model=(model or self.default_model)[:200],
             operation=operation.value,
             prompt=str(prompt)[: self.settings.max_prompt_chars],
             params=safe,
@@ -358,7 +360,7 @@ class ImageService:
         )
         await asyncio.gather(created, finished)  # queued together: one transaction
         # Label with the canonical id (or "unknown"), so a client cannot mint metric series.
-        spec = find_model(model or self.settings.default_model)
+        spec = find_model(model or self.default_model)
         self.metrics.observe_request(spec.id if spec else "unknown", operation.value, "rejected", 0.0, None)
 
     # -- running ----------------------------------------------------------------------------------

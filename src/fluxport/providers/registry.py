@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from fluxport.catalog import MODELS
 from fluxport.providers._hosted import HttpPolicy
 from fluxport.providers.base import Provider
 from fluxport.providers.fal import FalProvider
@@ -23,3 +26,14 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         ReplicateProvider(settings, policy=policy),
     ]
     return {p.name: p for p in providers}
+
+
+def default_model(settings: Settings, providers: Mapping[str, Provider]) -> str:
+    """The model of a request that names none: FLUXPORT_DEFAULT_MODEL, else the first catalog model
+    with a configured provider (the offline dummy when nothing else is), else the first model."""
+    if settings.default_model:
+        return settings.default_model
+    for spec in MODELS.values():
+        if any(name in providers and providers[name].state(spec.id).configured for name in spec.providers):
+            return spec.id
+    return next(iter(MODELS))
