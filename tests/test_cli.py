@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from fluxport.cli import app
 from tests.imagefactory import png_bytes
 
 
@@ -70,3 +74,35 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "generate", "a cat", "-m", "flux.2-dev", "-o", str(tmp_path / "x.png"))
     assert out.returncode == 1
     assert "FAL_KEY" in out.stderr
+
+
+HELP_PAGES = [
+    [],
+    ["generate"],
+    ["edit"],
+    ["serve"],
+    ["stats"],
+    ["keys"],
+    ["keys", "create"],
+    ["keys", "revoke"],
+]
+
+
+@pytest.mark.parametrize("command", HELP_PAGES, ids=lambda c: " ".join(c) or "fluxport")
+def test_help_has_no_typer_artefacts(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "100"}, prog_name="fluxport")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= 100 for line in lines)
+    assert "<bool>" not in result.output  # flags take no value
+    usage = next(line for line in lines if "Usage:" in line)
+    assert "{" not in usage and "}" not in usage, usage
+    if command in (["generate"], ["edit"]):
+        assert re.search(r"Usage: fluxport \w+ \[OPTIONS\] PROMPT\s*$", usage)
+    if not command:
+        assert "FLUX.2 [dev] across" in result.output  # not swallowed as a markup tag
+
+
+def test_dash_h_is_help() -> None:
+    result = CliRunner().invoke(app, ["generate", "-h"], env={"COLUMNS": "100"}, prog_name="fluxport")
+    assert result.exit_code == 0 and "Usage: fluxport generate" in result.output

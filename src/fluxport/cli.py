@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from typer import _click
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from fluxport.api.protocol import coerce_text
 from fluxport.catalog import MODELS, NOISE_NOTE
@@ -28,21 +31,53 @@ from fluxport.domain.job import Operation
 from fluxport.providers.base import ProgressEvent
 from fluxport.settings import Settings
 
+
+def _untyped_flags(params: list[Any]) -> list[Any]:
+    """Flags take no value: give them an empty metavar, so Rich help shows no `<bool>` beside them."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose help has no `<bool>` beside flags and no `{PROMPT}` braces in its usage line."""
+
+    def get_params(self, ctx: _click.Context) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: _click.Context) -> list[str]:
+        # Typer braces required arguments (`{prompt}`), which reads as a set; Click writes them bare.
+        return [re.sub(r"^\{(.+)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Group(TyperGroup):
+    """A command group whose help shows no `<bool>` beside `--help`."""
+
+    def get_params(self, ctx: _click.Context) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
-    help="fluxport: one OpenAI-compatible API for FLUX.2 [dev] across fal, Replicate and your own GPUs.\n\n"
+    # Help texts are Rich markup: a literal [dev] must be escaped or it vanishes as a tag.
+    help="fluxport: one OpenAI-compatible API for FLUX.2 \\[dev] across fal, Replicate and your own GPUs.\n\n"
     "Configuration comes from the environment (FLUXPORT_DATA_DIR, FLUXPORT_DATABASE_URL, "
     "FLUXPORT_LOCAL_WEIGHTS, FLUXPORT_LOCAL_FLASH_LORA, FLUXPORT_LOCAL_DEVICE, FAL_KEY, "
     "REPLICATE_API_TOKEN, ...); "
     "see the README.",
     no_args_is_help=True,
     add_completion=False,
+    cls=_Group,
+    context_settings=HELP_OPTIONS,
 )
 console = Console(stderr=True)
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     host: Annotated[
         str | None, typer.Option(help="Interface to listen on (default FLUXPORT_HOST or 127.0.0.1).")
@@ -115,7 +150,13 @@ def _show_models(settings: Settings, providers: dict[str, Any]) -> None:
 
 
 Model = Annotated[
-    str | None, typer.Option("--model", "-m", help="Model id (default FLUXPORT_DEFAULT_MODEL, flux.2-dev).")
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model id (default FLUXPORT_DEFAULT_MODEL, else the first configured one: flux.2-dummy when "
+        "nothing else is).",
+    ),
 ]
 Output = Annotated[
     Path,
@@ -136,9 +177,9 @@ Extra = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    prompt: Annotated[str, typer.Argument(help="What to draw.", metavar="PROMPT")],
     output: Output = Path("image.png"),
     model: Model = None,
     size: SizeOpt = None,
@@ -173,9 +214,9 @@ def generate(
     _run(Operation.GENERATE, fields, [], output)
 
 
-@app.command()
+@app.command(cls=_Command)
 def edit(
-    prompt: Annotated[str, typer.Argument(help="How to edit the reference images.")],
+    prompt: Annotated[str, typer.Argument(help="How to edit the reference images.", metavar="PROMPT")],
     image: Annotated[
         list[Path],
         typer.Option("--image", "-i", help="Reference image (1-4; repeat -i).", exists=True, dir_okay=False),
@@ -333,7 +374,7 @@ async def _run_async(
         typer.echo(str(path))
 
 
-@app.command()
+@app.command(cls=_Command)
 def stats(
     model: Annotated[str | None, typer.Option("--model", "-m", help="One model (default: all).")] = None,
     window_days: Annotated[int, typer.Option(min=1, help="Rolling window in days.")] = 30,
@@ -406,11 +447,13 @@ def _ms_text(ms: float | None) -> str:
 
 # -- keys ------------------------------------------------------------------------------------------
 
-keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="API keys: create, list, revoke.", no_args_is_help=True, cls=_Group, context_settings=HELP_OPTIONS
+)
 app.add_typer(keys_app, name="keys")
 
 
-@keys_app.command("create")
+@keys_app.command("create", cls=_Command)
 def keys_create(
     name: Annotated[str, typer.Option(help="A label for the key.")] = "default",
     rate_limit: Annotated[
@@ -438,7 +481,7 @@ def keys_create(
     typer.echo(secret)
 
 
-@keys_app.command("list")
+@keys_app.command("list", cls=_Command)
 def keys_list() -> None:
     """Every key: id, name, prefix, limits, created, revoked, and this month's spend."""
     from fluxport.keys import month_start, shown_prefix
@@ -472,9 +515,11 @@ def keys_list() -> None:
         console.print("No keys yet: `fluxport keys create`, or start `fluxport serve` to get a first one.")
 
 
-@keys_app.command("revoke")
+@keys_app.command("revoke", cls=_Command)
 def keys_revoke(
-    key: Annotated[str, typer.Argument(help="Key id (key_...), its prefix (fp_...) or the key itself.")],
+    key: Annotated[
+        str, typer.Argument(help="Key id (key_...), its prefix (fp_...) or the key itself.", metavar="KEY")
+    ],
 ) -> None:
     """Revoke a key; servers refuse it within a few seconds."""
     from fluxport.keys import find_key, shown_prefix
