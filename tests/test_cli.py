@@ -1,4 +1,4 @@
-"""The CLI runs in-process: generate and edit write real image files."""
+"""The CLI runs in-process: generate and edit write real image files; serve says what it serves."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fluxport.cli import app
+from tests.conftest import free_port
 from tests.imagefactory import png_bytes
+from tests.serveproc import serve, stop
 
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -106,3 +108,32 @@ def test_help_has_no_typer_artefacts(command: list[str]) -> None:
 def test_dash_h_is_help() -> None:
     result = CliRunner().invoke(app, ["generate", "-h"], env={"COLUMNS": "100"}, prog_name="fluxport")
     assert result.exit_code == 0 and "Usage: fluxport generate" in result.output
+
+
+def serve_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start `fluxport serve` with nothing configured but `env`; its process, base URL and output."""
+    for name in ("FLUXPORT_LOCAL_WEIGHTS", "FLUXPORT_DEFAULT_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = serve(tmp_path / "data", port, log, COLUMNS="100", **env)
+    return proc, f"http://127.0.0.1:{port}", log.read_text()
+
+
+def test_serve_models_table_states_each_provider_in_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc, _, log = serve_log(tmp_path, monkeypatch, FLUXPORT_AUTH="none", FAL_KEY="fal-test-key")
+    try:
+        assert all(len(line) <= 100 for line in log.splitlines() if "│" in line)
+        assert re.search(
+            r"│ flux\.2-dev \(default\)\s+│ local\s+│ not configured: set FLUXPORT_LOCAL_WEIGHTS", log
+        )
+        assert re.search(r"│ fal\s+│ configured: fal queue API at", log)
+        assert re.search(r"│ replicate\s+│ not configured: set REPLICATE_API_TOKEN", log)
+        assert re.search(r"│ flux\.2-dummy \(noise\)\s+│ local\s+│ configured: built in", log)
+        assert "FLUX.2 [dev]" in log  # a provider's detail, not eaten as Rich markup
+    finally:
+        stop(proc)

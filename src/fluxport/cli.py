@@ -7,11 +7,13 @@ import contextlib
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,10 +27,10 @@ from typer import _click
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from fluxport.api.protocol import coerce_text
-from fluxport.catalog import MODELS, NOISE_NOTE
+from fluxport.catalog import MODELS, NOISE_NOTE, ModelSpec, find_model
 from fluxport.domain.errors import FluxportError
 from fluxport.domain.job import Operation
-from fluxport.providers.base import ProgressEvent
+from fluxport.providers.base import ProgressEvent, Provider, ProviderState
 from fluxport.settings import Settings
 
 
@@ -89,12 +91,14 @@ def serve(
     import uvicorn
 
     from fluxport.api.app import create_app
-    from fluxport.providers.registry import build_providers
+    from fluxport.providers.registry import build_providers, default_model
 
     settings = Settings()
     host = host or settings.host
     port = port or settings.port
-    _show_models(settings, build_providers(settings))
+    providers = build_providers(settings)
+    model = default_model(settings, providers)
+    _show_models(providers, model)
     console.print(
         f"Data: {settings.data_dir.resolve()}  Database: {_safe_url(settings.resolved_database_url)}"
     )
@@ -133,18 +137,30 @@ def _safe_url(url: str) -> str:
     return url
 
 
-def _show_models(settings: Settings, providers: dict[str, Any]) -> None:
-    table = Table(title="Models", show_lines=False)
-    table.add_column("model")
-    table.add_column("providers")
+def _states(spec: ModelSpec, providers: Mapping[str, Provider]) -> list[tuple[str, ProviderState]]:
+    """Each provider of `spec` with its state; a provider not built is not configured."""
+    missing = ProviderState(False, "not available in this installation")
+    return [
+        (name, providers[name].state(spec.id) if name in providers else missing) for name in spec.providers
+    ]
+
+
+def _show_models(providers: Mapping[str, Provider], default: str) -> None:
+    """Each model and provider with its state in words: what serves it, or what to set."""
+    table = Table(title="Models")
+    table.add_column("model", no_wrap=True)
+    table.add_column("provider", no_wrap=True)
+    table.add_column("state")
     for spec in MODELS.values():
-        cells = []
-        for name in spec.providers:
-            provider = providers.get(name)
-            state = provider.state(spec.id) if provider else None
-            cells.append(f"[green]{name}[/]" if state and state.configured else f"[dim]{name}[/]")
-        note = " [yellow](noise)[/]" if spec.noise else ""
-        table.add_row(spec.id + note, " ".join(cells))
+        notes = [n for n, on in (("noise", spec.noise), ("default", spec.id == default)) if on]
+        label = spec.id + (f" [yellow]({', '.join(notes)})[/]" if notes else "")
+        for i, (name, state) in enumerate(_states(spec, providers)):
+            # The local provider's install hint already says "not configured: ".
+            detail = escape(state.detail.removeprefix("not configured: "))
+            text = (
+                f"[green]configured[/]: {detail}" if state.configured else f"[dim]not configured: {detail}[/]"
+            )
+            table.add_row(label if i == 0 else "", name, text, end_section=i == len(spec.providers) - 1)
     console.print(table)
     console.print(f"[yellow]{NOISE_NOTE}[/]")
 
@@ -380,8 +396,6 @@ def stats(
     window_days: Annotated[int, typer.Option(min=1, help="Rolling window in days.")] = 30,
 ) -> None:
     """Provider Rankings: p50 / p95 generation time, success rate, TTFB and price per model."""
-    from fluxport.catalog import find_model
-
     if model is not None and find_model(model) is None:
         console.print(f"[red]error[/]: unknown model {model!r}; known: {', '.join(MODELS)}")
         raise typer.Exit(1)
@@ -394,8 +408,6 @@ def stats(
 
 async def _stats_tables(models: list[str], window_days: int) -> list[Table]:
     from datetime import timedelta
-
-    from rich.markup import escape
 
     from fluxport.domain.pricing import rate_for
     from fluxport.gateway.stats import provider_stats
