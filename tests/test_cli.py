@@ -122,6 +122,39 @@ def serve_log(
     return proc, f"http://127.0.0.1:{port}", log.read_text()
 
 
+def sdk_snippet(log: str) -> str:
+    match = re.search(r"^from openai import OpenAI$.*?^print\(result\.data\[0\]\.url\)$", log, re.M | re.S)
+    assert match, log
+    return match.group(0)
+
+
+def test_serve_banner_names_the_default_model_and_a_working_sdk_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc, base, log = serve_log(tmp_path, monkeypatch, FLUXPORT_AUTH="keys")
+    try:
+        said = " ".join(log.split())
+        assert (
+            "Default model: flux.2-dummy (nothing else is configured; set FLUXPORT_LOCAL_WEIGHTS, FAL_KEY "
+            "or REPLICATE_API_TOKEN to serve flux.2-dev)" in said
+        )
+        snippet = sdk_snippet(log)
+        assert f'base_url="{base}/v1"' in snippet and 'model="flux.2-dummy"' in snippet
+        # Pasted as printed, with the first key the server printed below it in place of fp_...
+        key = re.findall(r"^\s+(fp_\S+)$", log, re.M)
+        assert len(key) == 1, log
+        ran = subprocess.run(
+            [sys.executable, "-c", snippet.replace('api_key="fp_..."', f'api_key="{key[0]}"')],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.startswith(f"{base}/images/")
+    finally:
+        stop(proc)
+
+
 def test_serve_models_table_states_each_provider_in_words(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -135,5 +168,8 @@ def test_serve_models_table_states_each_provider_in_words(
         assert re.search(r"│ replicate\s+│ not configured: set REPLICATE_API_TOKEN", log)
         assert re.search(r"│ flux\.2-dummy \(noise\)\s+│ local\s+│ configured: built in", log)
         assert "FLUX.2 [dev]" in log  # a provider's detail, not eaten as Rich markup
+        said = " ".join(log.split())
+        assert "Default model: flux.2-dev (the first configured model;" in said
+        assert 'api_key="anything"' in sdk_snippet(log) and "FLUXPORT_AUTH=none" in said
     finally:
         stop(proc)
