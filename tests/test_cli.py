@@ -20,8 +20,8 @@ from tests.serveproc import serve, stop
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLUXPORT_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
-    env.pop("FAL_KEY", None)
-    env.pop("REPLICATE_API_TOKEN", None)
+    for name in ("FAL_KEY", "REPLICATE_API_TOKEN", "FLUXPORT_LOCAL_WEIGHTS", "FLUXPORT_DEFAULT_MODEL"):
+        env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-m", "fluxport.cli", *args], env=env, capture_output=True, text=True, timeout=300
     )
@@ -75,7 +75,18 @@ def test_edit_with_two_references(tmp_path: Path) -> None:
 def test_errors_are_clear(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "generate", "a cat", "-m", "flux.2-dev", "-o", str(tmp_path / "x.png"))
     assert out.returncode == 1
-    assert "FAL_KEY" in out.stderr
+    said = " ".join(out.stderr.split())  # Rich wraps lines at 80 columns off a terminal
+    assert "FAL_KEY" in said and "FLUX.2 [dev]" in said  # the brackets are not eaten as Rich markup
+    # In-process there is no server to restart: the environment is read afresh on the next run.
+    assert "restart" not in said
+    assert "then run this command again" in said and "use -m flux.2-dummy" in said
+
+
+def test_generate_without_a_model_uses_the_dummy_when_nothing_is_configured(tmp_path: Path) -> None:
+    target = tmp_path / "fox.png"
+    out = run_cli(tmp_path, "generate", "a red fox", "--size", "256x256", "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    assert Image.open(target).size == (256, 256) and "noise" in out.stderr
 
 
 HELP_PAGES = [

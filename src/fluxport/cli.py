@@ -375,8 +375,17 @@ def _run(operation: Operation, fields: dict[str, Any], uploads: list[bytes], out
     try:
         asyncio.run(_run_async(operation, fields, uploads, output))
     except FluxportError as exc:
-        console.print(f"[red]error[/] ({exc.status} {exc.code}, param={exc.param}): {exc.message}")
+        message = escape(_in_process(exc.message))
+        console.print(f"[red]error[/] ({exc.status} {exc.code}, param={exc.param}): {message}")
         raise typer.Exit(1) from None
+
+
+def _in_process(message: str) -> str:
+    """The gateway's advice as it applies here: the CLI has no server to restart, it reads the
+    environment afresh on each run."""
+    return message.replace("then restart fluxport", "then run this command again").replace(
+        "use model flux.2-dummy", "use -m flux.2-dummy"
+    )
 
 
 async def _run_async(
