@@ -10,6 +10,8 @@ import pytest
 from fluxport.domain.errors import ProviderFailure
 from fluxport.domain.job import ImageJob, Operation, Size
 from fluxport.providers._hosted import DownloadGuard, HttpPolicy, RefusedURL
+from fluxport.providers import fal as fal_module
+from fluxport.providers import replicate as replicate_module
 from fluxport.providers.fal import FalProvider
 from fluxport.providers.replicate import ReplicateProvider
 from fluxport.settings import Settings
@@ -106,10 +108,18 @@ async def test_an_allowed_host_resolving_to_a_non_public_address_is_refused(addr
 
 async def test_configured_domain_list_comes_from_settings() -> None:
     settings = Settings(download_hosts=["images.example.org"], fal_url="http://127.0.0.1:9999")
-    g = DownloadGuard.from_settings(settings)
+    g = DownloadGuard.for_provider(settings, ("fal.media",), settings.fal_url)
     assert g.allowed_host("a.images.example.org") and not g.allowed_host("fal.media")
-    assert ("http", "127.0.0.1", 9999) in g.trusted
-    assert ("https", "api.replicate.com", 443) in g.trusted
+    assert g.trusted == {("http", "127.0.0.1", 9999)}  # its own base URL only, not another's
+
+
+async def test_each_provider_allows_its_own_image_hosts_by_default() -> None:
+    settings = Settings()
+    fal_guard = DownloadGuard.for_provider(settings, fal_module.DOWNLOAD_HOSTS, settings.fal_url)
+    rep_guard = DownloadGuard.for_provider(settings, replicate_module.DOWNLOAD_HOSTS, settings.replicate_url)
+    assert fal_guard.allowed_host("v3.fal.media") and not fal_guard.allowed_host("replicate.delivery")
+    assert rep_guard.allowed_host("replicate.delivery") and not rep_guard.allowed_host("fal.media")
+    assert ("https", "api.replicate.com", 443) in rep_guard.trusted
 
 
 # --------------------------------------------------------------------------------------------

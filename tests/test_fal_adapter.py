@@ -122,8 +122,6 @@ async def test_maps_every_parameter_and_returns_downloaded_images(emu: FalEmulat
             "num_inference_steps": 20,
             "enable_safety_checker": False,
             "brand_new_fal_field": {"x": 1},  # unknown: passed through
-            "go_fast": True,  # Replicate's: never sent to fal
-            "disable_safety_checker": True,
         },
     )
     result = await fal.generate(job, events.append)

@@ -8,14 +8,17 @@ from hypothesis import strategies as st
 from openai.types import ImagesResponse
 from pydantic import ValidationError
 
-from fluxport.catalog import MODELS, PRICES
+from fluxport.catalog import MODELS
 from fluxport.domain.job import Size
 from fluxport.domain.pricing import Rate, Usage, billable_megapixels, price, rate_for
+from fluxport.providers.registry import build_providers, listed_rate
 from fluxport.settings import Settings
 
-FAL_DEV = PRICES[("fal", "flux.2-dev")]
-FAL_FLASH = PRICES[("fal", "flux.2-dev-flash")]
-LOCAL_DEV = PRICES[("local", "flux.2-dev")]
+PROVIDERS = build_providers(Settings(data_dir="unused"))
+FAL_DEV = PROVIDERS["fal"].capabilities("flux.2-dev").rate
+FAL_FLASH = PROVIDERS["fal"].capabilities("flux.2-dev-flash").rate
+LOCAL_DEV = PROVIDERS["local"].capabilities("flux.2-dev").rate
+REPLICATE_DEV = PROVIDERS["replicate"].capabilities("flux.2-dev").rate
 
 
 @pytest.mark.parametrize(
@@ -56,7 +59,7 @@ def test_billable_megapixels(width: int, height: int, minimum: int, expected: in
         # n=4 at 2K: 4 images of 4 MP
         (FAL_DEV, [Size(2048, 2048)] * 4, [], Usage(4, 0, 16, 0.192)),
         # Replicate: output only (its input price is an assumption of 0)
-        (PRICES[("replicate", "flux.2-dev")], [Size(1024, 1024)], [Size(1024, 1024)], Usage(1, 1, 1, 0.012)),
+        (REPLICATE_DEV, [Size(1024, 1024)], [Size(1024, 1024)], Usage(1, 1, 1, 0.012)),
         # local is free; the megapixels are still counted
         (LOCAL_DEV, [Size(1920, 1080)], [Size(100, 100)], Usage(1, 1, 2, 0.0)),
         # no noise from binary floats: 7 x 0.1 is 0.7
@@ -69,24 +72,30 @@ def test_price(rate: Rate, outputs: list[Size], references: list[Size], expected
     assert price(rate, outputs, references) == expected
 
 
-def test_every_catalog_provider_has_a_price() -> None:
-    pairs = {(provider, spec.id) for spec in MODELS.values() for provider in spec.providers}
-    assert pairs == set(PRICES)
-    assert all(rate == Rate(0.0, 0.0) for (provider, _), rate in PRICES.items() if provider == "local")
+def test_every_hosted_provider_lists_a_price_and_local_is_free() -> None:
+    for spec in MODELS.values():
+        for name in spec.providers:
+            rate = PROVIDERS[name].capabilities(spec.id).rate
+            if name == "local":
+                assert rate == Rate(0.0, 0.0)
+            else:
+                assert rate.output_per_mp > 0, (name, spec.id)
+            # The stats CLI reads the same list price without running the providers.
+            assert listed_rate(Settings(data_dir="unused"), name, spec.id) == rate
 
 
-def test_configuration_wins_over_the_catalog() -> None:
+def test_configuration_wins_over_the_list_price() -> None:
     default = Settings(data_dir="unused")
-    assert rate_for("fal", "flux.2-dev", default) == Rate(0.012, 0.012)
-    assert rate_for("fal", "flux.2-dev-flash", default) == Rate(0.005, 0.005)
-    assert rate_for("local", "flux.2-dev", default) == Rate(0.0, 0.0)
-    assert rate_for("elsewhere", "flux.2-dev", default) == Rate(0.0, 0.0)
+    assert rate_for("fal", "flux.2-dev", default, FAL_DEV) == Rate(0.012, 0.012)
+    assert rate_for("fal", "flux.2-dev-flash", default, FAL_FLASH) == Rate(0.005, 0.005)
+    assert rate_for("local", "flux.2-dev", default, LOCAL_DEV) == Rate(0.0, 0.0)
 
     configured = Settings(data_dir="unused", prices={"local/flux.2-dev": 0.002, "FAL/flux.2-dev": 0.02})
-    assert rate_for("local", "flux.2-dev", configured) == Rate(0.002, 0.002)
-    assert rate_for("fal", "flux.2-dev", configured) == Rate(0.02, 0.02)
-    assert rate_for("fal", "flux.2-dev-flash", configured) == Rate(0.005, 0.005)
-    assert price(rate_for("local", "flux.2-dev", configured), [Size(1920, 1080)], []).cost_usd == 0.004
+    assert rate_for("local", "flux.2-dev", configured, LOCAL_DEV) == Rate(0.002, 0.002)
+    assert rate_for("fal", "flux.2-dev", configured, FAL_DEV) == Rate(0.02, 0.02)
+    assert rate_for("fal", "flux.2-dev-flash", configured, FAL_FLASH) == Rate(0.005, 0.005)
+    local = rate_for("local", "flux.2-dev", configured, LOCAL_DEV)
+    assert price(local, [Size(1920, 1080)], []).cost_usd == 0.004
 
 
 def test_prices_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

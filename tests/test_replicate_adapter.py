@@ -119,8 +119,6 @@ async def test_maps_every_parameter_and_returns_the_downloaded_image(
             "go_fast": False,
             "disable_safety_checker": True,
             "brand_new_input": "x",  # unknown: passed through
-            "acceleration": "high",  # fal's: never sent to Replicate
-            "num_inference_steps": 12,
         },
     )
     result = await rep.generate(job, lambda e: None)
@@ -318,13 +316,23 @@ async def test_a_failing_poll_is_a_provider_failure_and_cancels(
     assert prediction.status(time.monotonic()) == "aborted"  # cancelled before it started
 
 
-async def test_replicate_validation_of_a_real_value_names_the_fluxport_param(
+async def test_replicate_validation_names_the_field_the_client_sent(
     emu: ReplicateEmulator, rep: ReplicateProvider
 ) -> None:
+    # The client sent Replicate's own width: the error names width, not fluxport's size.
     with pytest.raises(InvalidRequest) as err:
         await rep.generate(make_job(extras={"width": 2000, "height": 1024}), lambda e: None)
-    assert err.value.param == "size"
+    assert err.value.param == "width"
     assert created_input(emu)["aspect_ratio"] == "custom"
+    # Replicate's output_quality sent as is is reported as output_quality ...
+    with pytest.raises(InvalidRequest) as err:
+        await rep.generate(make_job(output_format="webp", extras={"output_quality": 150}), lambda e: None)
+    assert err.value.param == "output_quality"
+    # ... while fluxport's output_compression, renamed output_quality on the wire, keeps its name.
+    emu.script(Fault(FaultKind.VALIDATION, field="output_quality"))
+    with pytest.raises(InvalidRequest) as err:
+        await rep.generate(make_job(output_format="webp", output_compression=90), lambda e: None)
+    assert err.value.param == "output_compression"
 
 
 async def test_rate_limit_is_retried_after_retry_after(

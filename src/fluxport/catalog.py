@@ -106,23 +106,3 @@ _LOOKUP = {name.lower(): spec for spec in MODELS.values() for name in (spec.id, 
 def find_model(model_id: str) -> ModelSpec | None:
     """A model by id or alias, case-insensitively."""
     return _LOOKUP.get(model_id.strip().lower())
-
-
-# -- Prices -----------------------------------------------------------------------------------------
-# US dollars per billed megapixel, keyed (provider, model); the billing rules are in domain/pricing.py.
-# FLUXPORT_PRICES overrides any of these (see Settings.prices).
-from fluxport.domain.pricing import Rate  # noqa: E402  (kept beside the table it types)
-
-PRICES: dict[tuple[str, str], Rate] = {
-    # fal-ai/flux-2 $0.012/MP; fal-ai/flux-2/edit bills references and output at the same rate.
-    ("fal", "flux.2-dev"): Rate(output_per_mp=0.012, input_per_mp=0.012),
-    # fal-ai/flux-2/flash and /flash/edit: $0.005/MP for input and output.
-    ("fal", "flux.2-dev-flash"): Rate(output_per_mp=0.005, input_per_mp=0.005),
-    # ASSUMPTION: Replicate's flux-2-dev price is unconfirmed (providers.md §8). Read it from
-    # Replicate's model page and override it with FLUXPORT_PRICES='{"replicate/flux.2-dev": ...}'.
-    ("replicate", "flux.2-dev"): Rate(output_per_mp=0.012, input_per_mp=0.0),
-    # Your own GPUs: free unless configured (e.g. to account for electricity or amortised hardware).
-    ("local", "flux.2-dev"): Rate.free(),
-    ("local", "flux.2-dev-flash"): Rate.free(),
-    ("local", "flux.2-dummy"): Rate.free(),
-}

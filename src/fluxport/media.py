@@ -15,8 +15,7 @@ from typing import Final
 from PIL import ExifTags, Image, ImageFile
 
 from fluxport.domain.errors import InvalidRequest, PayloadTooLarge
-from fluxport.domain.job import LOSSY_FORMATS, OUTPUT_FORMATS, ReferenceImage, Size
-from fluxport.providers.base import GeneratedImage
+from fluxport.domain.job import LOSSY_FORMATS, OUTPUT_FORMATS, GeneratedImage, ReferenceImage, Size
 
 __all__ = [
     "DEFAULT_QUALITY",
@@ -31,6 +30,7 @@ __all__ = [
     "sniff_format",
 ]
 
+# The formats fluxport reads: references, and provider results it can pass through untouched.
 REFERENCE_FORMATS: Final = frozenset({"png", "jpeg", "webp"})
 MIN_REFERENCE_SIDE: Final = 64
 MAX_REFERENCE_ASPECT: Final = 8
@@ -172,7 +172,7 @@ def check_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
     """(format, width, height) of a provider's PNG, JPEG or WebP result that is whole and within the
     pixel limit, from its header and structure only; raise ValueError otherwise."""
     fmt = sniff_format(data)
-    if fmt not in ("png", "jpeg", "webp"):
+    if fmt not in REFERENCE_FORMATS:
         raise ValueError("not a PNG, JPEG or WebP image")
     try:
         with _open_header(data, fmt, max_pixels) as im:
@@ -393,7 +393,7 @@ def finalize_image(
     if isinstance(content, bytes):
         if (
             sniff_format(content) == output_format
-            and output_format in ("png", "jpeg", "webp")
+            and output_format in REFERENCE_FORMATS
             and (compression is None or not lossy)
             and (image.width, image.height) == target
         ):

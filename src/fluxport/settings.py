@@ -8,15 +8,6 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Where fal and Replicate serve result images (FLUXPORT_DOWNLOAD_HOSTS' default).
-DEFAULT_DOWNLOAD_HOSTS: tuple[str, ...] = (
-    "fal.media",
-    "fal.run",
-    "fal.ai",
-    "replicate.delivery",
-    "replicate.com",
-)
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUXPORT_", env_file=None, extra="ignore")
@@ -95,9 +86,10 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(
         default=24 * 3600, ge=60, description="How long Idempotency-Key answers are kept."
     )
-    # Hosts result images may be downloaded from (besides the configured provider URLs' own hosts).
-    download_hosts: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_DOWNLOAD_HOSTS),
+    # Hosts result images may be downloaded from (besides the configured provider URLs' own hosts);
+    # unset, each hosted provider allows the hosts it serves images from (its DOWNLOAD_HOSTS).
+    download_hosts: list[str] | None = Field(
+        default=None,
         description="Result images are fetched only over https from these domains (and their subdomains).",
     )
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 class Operation(StrEnum):
@@ -49,8 +52,39 @@ class ReferenceImage:
         return Size(self.width, self.height)
 
 
-OUTPUT_FORMATS = ("png", "jpeg", "gif", "webp", "avif")
+# The output formats, listed once: the wire model, the pages and the encoder read them from here.
+OutputFormat = Literal["png", "jpeg", "gif", "webp", "avif"]
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 LOSSY_FORMATS = frozenset({"jpeg", "webp", "avif"})
+# A format's file extension differs from its name only for JPEG.
+_EXTENSIONS = {"jpeg": "jpg"}
+
+
+def file_extension(output_format: str) -> str:
+    """The file extension of an output format: jpeg -> jpg, the others their own name."""
+    return _EXTENSIONS.get(output_format, output_format)
+
+
+def format_of_extension(extension: str) -> str | None:
+    """The output format a file extension names (jpg and jpeg -> jpeg), or None."""
+    ext = extension.lower().lstrip(".")
+    fmt = next((f for f, e in _EXTENSIONS.items() if e == ext), ext)
+    return fmt if fmt in OUTPUT_FORMATS else None
+
+
+@dataclass
+class GeneratedImage:
+    """One image from a provider: pixels (in-process providers) or encoded bytes (hosted ones)."""
+
+    content: bytes | Image
+    width: int
+    height: int
+    format: str | None = None  # for bytes: "png" | "jpeg" | "webp"; None for pixels
+    seed: int | None = None
+
+    @property
+    def size(self) -> Size:
+        return Size(self.width, self.height)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Megapixel billing rules → cost (pure functions; the rates themselves live in `catalog.PRICES`).
+"""Megapixel billing rules → cost (pure functions; each provider lists its rates in its Capabilities).
 
 The rules, as fal and Lumenfall bill FLUX.2: 1 MP = 1024 × 1024 px; each image is rounded up to
 the next whole megapixel; each reference image is billed separately at 1 MP or more; images over
@@ -89,11 +89,10 @@ def _lowered(prices: tuple[tuple[str, float], ...]) -> dict[str, float]:
     return {key.lower(): value for key, value in prices}
 
 
-def rate_for(provider: str, model: str, settings: Settings) -> Rate:
-    """The rate for `model` on `provider`: configuration first, then the catalog, else free."""
-    from fluxport.catalog import PRICES
-
+def rate_for(provider: str, model: str, settings: Settings, listed: Rate) -> Rate:
+    """The rate for `model` on `provider`: configuration (FLUXPORT_PRICES) first, else the
+    provider's `listed` rate (its Capabilities)."""
     override = _lowered(tuple(settings.prices.items())).get(price_key(provider, model))
     if override is not None:
         return Rate(output_per_mp=override, input_per_mp=override)
-    return PRICES.get((provider, model), Rate.free())
+    return listed

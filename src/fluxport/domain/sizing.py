@@ -172,15 +172,76 @@ def decide_size(
     return SizeDecision(tier_size("1:1", "1K", spec), "default", ratio="1:1", tier="1K")
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named size a provider offers, e.g. Replicate's aspect_ratio "16:9" (about 1 MP)."""
+
+    name: str
+    ratio: float  # width / height
+    size: Size  # what the provider generates for it
+
+
+@dataclass(frozen=True)
+class SizePolicy:
+    """The size a provider generates for a delivered size: each side within [min_side, max_side]
+    on a `multiple` grid and under `max_pixels`, or one of its presets. Each provider declares one
+    (its Capabilities); the gateway prices, ranks and bills that size, and the adapter sends it."""
+
+    multiple: int = 16
+    min_side: int = 16
+    max_side: int | None = None
+    max_pixels: int | None = None
+    presets: tuple[Preset, ...] = ()
+    preset_pixels: tuple[int, int] = (0, 0)  # a preset serves only sizes with this many pixels
+
+    @classmethod
+    def grid(cls, limits: SizeLimits) -> SizePolicy:
+        """A model's own latent grid within its pixel cap (an in-process pipeline)."""
+        return cls(multiple=limits.multiple, min_side=limits.multiple, max_pixels=limits.max_pixels)
+
+    def preset_for(self, size: Size) -> Preset | None:
+        """The preset that makes about `size`, if any."""
+        low, high = self.preset_pixels
+        if low <= size.pixels <= high:
+            for preset in self.presets:
+                if math.isclose(size.width / size.height, preset.ratio, rel_tol=0.01):
+                    return preset
+        return None
+
+    def generated(self, size: Size) -> Size:
+        """The size this provider generates for `size` (the service resamples it to `size`)."""
+        preset = self.preset_for(size)
+        if preset is not None:
+            return preset.size
+        return self.fit(size)
+
+    def fit(self, size: Size) -> Size:
+        """`size` scaled into the side bounds keeping its shape, snapped to the grid, under the cap."""
+        m, low = self.multiple, self.min_side
+        high = self.max_side
+        w, h = size.width, size.height
+        scale = 1.0
+        if high is not None and max(w, h) > high:
+            scale = high / max(w, h)
+        if min(w, h) * scale < low:
+            # Extreme ratios cannot fit both bounds; the short side wins and the long side is clamped.
+            scale = low / min(w, h)
+
+        def snap(v: int) -> int:
+            # Half up, not Python's half-to-even: 1000 px on a 16 px grid is 1008, not 992.
+            snapped = max(low, math.floor(v * scale / m + 0.5) * m)
+            return min(high, snapped) if high is not None else snapped
+
+        gw, gh = snap(w), snap(h)
+        if self.max_pixels is not None and gw * gh > self.max_pixels:
+            # Rounding both sides up can overshoot the cap by a row.
+            if gw >= gh:
+                gw = max(low, gw - m)
+            else:
+                gh = max(low, gh - m)
+        return Size(gw, gh)
+
+
 def generation_grid(size: Size, limits: SizeLimits) -> Size:
     """The nearest size on the model's latent grid within its pixel cap (the service resamples the rest)."""
-    m = limits.multiple
-    # Halves round up (not Python's round-half-to-even), so the grid is predictable.
-    w = max(m, math.floor(size.width / m + 0.5) * m)
-    h = max(m, math.floor(size.height / m + 0.5) * m)
-    if w * h > limits.max_pixels:  # rounding up both sides can overshoot the cap by a row
-        if w >= h:
-            w = max(m, w - m)
-        else:
-            h = max(m, h - m)
-    return Size(w, h)
+    return SizePolicy.grid(limits).generated(size)

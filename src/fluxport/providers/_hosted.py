@@ -9,11 +9,10 @@ import contextlib
 import email.utils
 import io
 import ipaddress
-import math
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,17 +21,12 @@ from httpx_aiohttp import AiohttpTransport
 from PIL import Image
 
 from fluxport.domain.errors import FluxportError, ProviderFailure, RateLimited
-from fluxport.domain.job import ReferenceImage, Size
-from fluxport.media import sniff_format
+from fluxport.domain.job import ReferenceImage
+from fluxport.media import REFERENCE_FORMATS, sniff_format
 from fluxport.providers.base import BilledCancellation, GeneratedImage, ProgressCallback, ProgressEvent, Stage
-from fluxport.settings import DEFAULT_DOWNLOAD_HOSTS
 
 if TYPE_CHECKING:
     from fluxport.settings import Settings
-
-# Provider-specific request fields each adapter knows; one provider's are never sent to the other.
-FAL_EXTRAS = frozenset({"acceleration", "enable_safety_checker", "num_inference_steps", "sync_mode"})
-REPLICATE_EXTRAS = frozenset({"disable_safety_checker", "go_fast", "width", "height", "output_quality"})
 
 
 @dataclass(frozen=True)
@@ -54,23 +48,6 @@ class HttpPolicy:
     # submits, waits on the status stream, fetches and downloads, so this bounds requests in flight
     # per provider without reconnecting (httpx's default keeps only 20 alive, then reconnects).
     max_connections: int = 1024
-
-
-def fit_size(size: Size, lo: int, hi: int, multiple: int) -> Size:
-    """Scale `size` into [lo, hi] per side keeping its shape, snapped to `multiple` (lo, hi too)."""
-    w, h = size.width, size.height
-    scale = 1.0
-    if max(w, h) > hi:
-        scale = hi / max(w, h)
-    if min(w, h) * scale < lo:
-        # Extreme ratios cannot fit both bounds; the short side wins and the long side is clamped.
-        scale = lo / min(w, h)
-
-    def snap(v: int) -> int:
-        # Half up, not Python's half-to-even: 1000 px on a 16 px grid is 1008, not 992.
-        return min(hi, max(lo, math.floor(v * scale / multiple + 0.5) * multiple))
-
-    return Size(snap(w), snap(h))
 
 
 def data_uri(ref: ReferenceImage) -> str:
@@ -175,9 +152,11 @@ class DownloadGuard:
         return cls(domains, frozenset(trusted), **kw)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> DownloadGuard:
-        """The configured download hosts, plus both configured provider base URLs as trusted."""
-        return cls.of(settings.download_hosts, (settings.fal_url, settings.replicate_url))
+    def for_provider(cls, settings: Settings, hosts: Iterable[str], base_url: str) -> DownloadGuard:
+        """A provider's guard: FLUXPORT_DOWNLOAD_HOSTS if set, else the provider's own image hosts;
+        and its configured base URL as trusted."""
+        chosen = settings.download_hosts if settings.download_hosts is not None else hosts
+        return cls.of(chosen, (base_url,))
 
     def allowed_host(self, host: str) -> bool:
         host = host.lower().rstrip(".")
@@ -233,12 +212,12 @@ class Http:
         provider: str,
         policy: HttpPolicy,
         client: httpx.AsyncClient | None,
-        guard: DownloadGuard | None = None,
+        guard: DownloadGuard,
     ) -> None:
-        """`guard`: where result images may come from; None allows only the default hosts."""
+        """`guard`: where result images may come from."""
         self.provider = provider
         self.policy = policy
-        self.guard = guard or DownloadGuard.of(DEFAULT_DOWNLOAD_HOSTS)
+        self.guard = guard
         self._own = client is None
         limits = httpx.Limits(
             max_connections=policy.max_connections, max_keepalive_connections=policy.max_connections
@@ -455,7 +434,7 @@ def _detail(response: httpx.Response) -> str:
 def to_image(data: bytes, provider: str, seed: int | None) -> GeneratedImage:
     """Wrap downloaded bytes; the format is sniffed and the size read from the header only."""
     fmt = sniff_format(data)
-    if fmt not in ("png", "jpeg", "webp"):
+    if fmt not in REFERENCE_FORMATS:
         raise ProviderFailure(f"{provider}: the result is not a PNG, JPEG or WebP image.")
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -463,12 +442,3 @@ def to_image(data: bytes, provider: str, seed: int | None) -> GeneratedImage:
     except Exception as exc:  # Pillow raises many types for a corrupt header
         raise ProviderFailure(f"{provider}: the result image cannot be read.") from exc
     return GeneratedImage(content=data, width=width, height=height, format=fmt, seed=seed)
-
-
-def nearly_equal_ratio(a: Size, w: int, h: int, tolerance: float = 0.01) -> bool:
-    return math.isclose(a.width / a.height, w / h, rel_tol=tolerance)
-
-
-def known_extras(extras: Mapping[str, Any], own: frozenset[str], foreign: frozenset[str]) -> dict[str, Any]:
-    """The extras meant for this provider: its own known ones and unknown ones, not another's."""
-    return {k: v for k, v in extras.items() if k in own or k not in foreign}

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
-from fluxport.domain.job import ImageJob, Size
+from fluxport.domain.job import GeneratedImage, ImageJob
+from fluxport.domain.pricing import Rate
+from fluxport.domain.sizing import SizePolicy
 
-if TYPE_CHECKING:
-    from PIL.Image import Image
+__all__ = ["GeneratedImage", "Rate", "SizePolicy"]  # re-exported: the adapters' vocabulary
 
 
 class Behaviour(StrEnum):
@@ -56,27 +57,19 @@ class Capabilities:
     supports_prompt_enhancement: bool = False
     supports_cfg_scale: bool = True
     concurrent: bool = True  # independent calls run side by side (hosted); False for one local device
+    # The size it generates for a delivered size: what is priced, ranked, dry-run, sent and billed.
+    size: SizePolicy = field(default_factory=SizePolicy)
+    # How each client parameter reaches it, for the model pages: param -> (behaviour, note). What
+    # one request did is its ProviderResult.normalization (the x-fluxport-normalization header).
+    normalization: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    # Its list price per billed megapixel (FLUXPORT_PRICES overrides it).
+    rate: Rate = field(default_factory=Rate.free)
 
 
 @dataclass(frozen=True)
 class ProviderState:
     configured: bool
     detail: str  # how it is configured, or how to configure it
-
-
-@dataclass
-class GeneratedImage:
-    """One image from a provider: pixels (in-process providers) or encoded bytes (hosted ones)."""
-
-    content: bytes | Image
-    width: int
-    height: int
-    format: str | None = None  # for bytes: "png" | "jpeg" | "webp"; None for pixels
-    seed: int | None = None
-
-    @property
-    def size(self) -> Size:
-        return Size(self.width, self.height)
 
 
 @dataclass

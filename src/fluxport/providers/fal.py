@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -19,15 +19,11 @@ import httpx
 from fluxport.domain.errors import ContentPolicyViolation, FluxportError, InvalidRequest, ProviderFailure
 from fluxport.domain.job import ImageJob
 from fluxport.providers._hosted import (
-    FAL_EXTRAS,
-    REPLICATE_EXTRAS,
     DownloadGuard,
     Http,
     HttpPolicy,
     Progress,
     data_uri,
-    fit_size,
-    known_extras,
     step_of,
     to_image,
 )
@@ -38,6 +34,8 @@ from fluxport.providers.base import (
     ProgressCallback,
     ProviderResult,
     ProviderState,
+    Rate,
+    SizePolicy,
 )
 from fluxport.settings import Settings
 
@@ -48,11 +46,33 @@ ENDPOINTS: dict[str, tuple[str, str]] = {
     "flux.2-dev": ("fal-ai/flux-2", "fal-ai/flux-2/edit"),
     "flux.2-dev-flash": ("fal-ai/flux-2/flash", "fal-ai/flux-2/flash/edit"),
 }
+# fal's own request fields a client may send (extra_body); unknown fields pass through too.
+EXTRAS = frozenset({"acceleration", "enable_safety_checker", "num_inference_steps", "sync_mode"})
 # The distilled Flash endpoints fix the schedule: no steps, no acceleration.
 _FLASH_UNSUPPORTED = frozenset({"num_inference_steps", "acceleration"})
-MIN_SIDE, MAX_SIDE, MULTIPLE = 512, 2048, 16
+# image_size {width, height}: 512-2048 px per side on fal's 16 px grid.
+SIZES = SizePolicy(multiple=16, min_side=512, max_side=2048)
 MAX_IMAGES_PER_CALL = 4
 NATIVE_FORMATS = frozenset({"png", "jpeg", "webp"})
+# Where fal serves result images (FLUXPORT_DOWNLOAD_HOSTS overrides).
+DOWNLOAD_HOSTS = ("fal.media", "fal.run", "fal.ai")
+# fal-ai/flux-2 $0.012/MP, references billed at the same rate; fal-ai/flux-2/flash $0.005/MP.
+PRICES: dict[str, Rate] = {
+    "flux.2-dev": Rate(output_per_mp=0.012, input_per_mp=0.012),
+    "flux.2-dev-flash": Rate(output_per_mp=0.005, input_per_mp=0.005),
+}
+NORMALIZATION: dict[str, tuple[str, str]] = {
+    "prompt": ("passthrough", ""),
+    "size": ("renamed", "image_size {width, height}; converted outside 512-2048 px"),
+    "n": ("renamed", "num_images, up to 4 per call; more by parallel calls (emulated)"),
+    "seed": ("passthrough", ""),
+    "cfg_scale": ("renamed", "guidance_scale"),
+    "prompt_enhancement": ("renamed", "enable_prompt_expansion"),
+    "image": ("converted", "data URIs in image_urls, on the /edit endpoint"),
+    "output_format": ("passthrough", "png, jpeg, webp; gif and avif converted by fluxport"),
+    "output_compression": ("emulated", "fal has no quality setting: fluxport encodes"),
+    "response_format": ("emulated", "fluxport downloads, stores or inlines the image"),
+}
 # fal input field -> the fluxport parameter a client knows, for error messages.
 _PARAMS = {
     "image_size": "size",
@@ -85,7 +105,8 @@ class FalProvider:
         # once (default: three quarters of the pool), the others poll so submits and results flow.
         self.max_streams = max_streams if max_streams is not None else self.policy.max_connections * 3 // 4
         self._streams = 0
-        self._http = Http(self.name, self.policy, client, DownloadGuard.from_settings(settings))
+        guard = DownloadGuard.for_provider(settings, DOWNLOAD_HOSTS, self._base)
+        self._http = Http(self.name, self.policy, client, guard)
 
     def state(self, model: str) -> ProviderState:
         if model not in ENDPOINTS:
@@ -95,7 +116,7 @@ class FalProvider:
         return ProviderState(True, f"fal queue API at {self._base} ({ENDPOINTS[model][0]})")
 
     def capabilities(self, model: str) -> Capabilities:
-        extras = FAL_EXTRAS - _FLASH_UNSUPPORTED if model.endswith("-flash") else FAL_EXTRAS
+        extras = EXTRAS - _FLASH_UNSUPPORTED if model.endswith("-flash") else EXTRAS
         return Capabilities(
             max_images_per_call=MAX_IMAGES_PER_CALL,
             max_references=4,
@@ -103,6 +124,9 @@ class FalProvider:
             extras=extras,
             supports_prompt_enhancement=True,
             supports_cfg_scale=True,
+            size=SIZES,
+            normalization=NORMALIZATION,
+            rate=PRICES.get(model, Rate.free()),
         )
 
     async def aclose(self) -> None:
@@ -117,7 +141,7 @@ class FalProvider:
             raise InvalidRequest(f"fal does not serve model {job.model}.", param="model")
         text, edit = ENDPOINTS[job.model]
         endpoint = edit if job.references else text
-        extras = known_extras(job.extras, FAL_EXTRAS, REPLICATE_EXTRAS)
+        extras = job.extras  # the gateway hands on only fal's own fields and unknown ones
         unsupported = sorted(_FLASH_UNSUPPORTED & extras.keys()) if job.model.endswith("-flash") else []
         if unsupported:
             # Sending them would be silently ignored by fal; refuse so the client knows.
@@ -125,7 +149,7 @@ class FalProvider:
                 f"'{unsupported[0]}' is not supported by {job.model} on fal.", param=unsupported[0]
             )
         norm: dict[str, Behaviour] = {}
-        size = fit_size(job.size, MIN_SIDE, MAX_SIDE, MULTIPLE)
+        size = SIZES.generated(job.size)
         norm["size"] = Behaviour.RENAMED if size == job.size else Behaviour.CONVERTED
         fmt = job.output_format
         if fmt not in NATIVE_FORMATS or (job.output_compression is not None and fmt != "png"):
@@ -137,7 +161,7 @@ class FalProvider:
         if job.output_compression is not None:
             norm["output_compression"] = Behaviour.EMULATED
         # Unknown extras first so that the mapped fields (the service's decisions) win.
-        body: dict[str, Any] = {k: v for k, v in extras.items() if k not in FAL_EXTRAS}
+        body: dict[str, Any] = {k: v for k, v in extras.items() if k not in EXTRAS}
         body |= {
             "prompt": job.prompt,
             "image_size": {"width": size.width, "height": size.height},
@@ -156,7 +180,7 @@ class FalProvider:
         if job.references:
             body["image_urls"] = [data_uri(r) for r in job.references]
             norm["image"] = Behaviour.CONVERTED
-        body |= {k: v for k, v in extras.items() if k in FAL_EXTRAS}
+        body |= {k: v for k, v in extras.items() if k in EXTRAS}
         if extras:
             norm["extras"] = Behaviour.PASSTHROUGH
         return endpoint, body, norm
@@ -184,7 +208,7 @@ class FalProvider:
             self._http.reraise_abandoned(exc, billed)
             raise
         if response.status_code >= 400:
-            raise _client_error(response)
+            raise _client_error(response, sent=job.extras.keys())
         submitted = self._http.json(response, "submit")
         timings.submitted_s = time.monotonic() - t0
         request_id = submitted.get("request_id")
@@ -446,8 +470,9 @@ def _log_text(logs: object, last: int = 8) -> str:
     return "\n".join(str(entry.get("message", "")) for entry in logs[-last:] if isinstance(entry, dict))
 
 
-def _client_error(response: httpx.Response) -> FluxportError:
-    """Map a fal 4xx answer (other than 401/403/429, handled earlier) to a fluxport error."""
+def _client_error(response: httpx.Response, sent: Iterable[str] = ()) -> FluxportError:
+    """Map a fal 4xx answer (other than 401/403/429, handled earlier) to a fluxport error, naming
+    the field as the client sent it: its own fal field (`sent`), else the fluxport parameter."""
     try:
         body = response.json()
     except ValueError:
@@ -458,7 +483,7 @@ def _client_error(response: httpx.Response) -> FluxportError:
         loc = first.get("loc")
         fields = [p for p in loc if isinstance(p, str) and p != "body"] if isinstance(loc, list) else []
         field = fields[0] if fields else None
-        param = _PARAMS.get(field, field) if field else None
+        param = (field if field in set(sent) else _PARAMS.get(field, field)) if field else None
         msg = str(first.get("msg") or "invalid value")
         if first.get("type") == "content_policy_violation":
             return ContentPolicyViolation(f"fal refused the request: {msg}", param=param or "prompt")

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from fluxport.catalog import SizeLimits, find_model
 from fluxport.domain.errors import FluxportError, InvalidRequest, ProviderFailure, RateLimited
 from fluxport.domain.job import OUTPUT_FORMATS, ImageJob, Size
-from fluxport.domain.sizing import generation_grid
 from fluxport.providers.base import (
     AttemptTimings,
     Behaviour,
@@ -32,6 +31,7 @@ from fluxport.providers.base import (
     ProgressEvent,
     ProviderResult,
     ProviderState,
+    SizePolicy,
 )
 
 if TYPE_CHECKING:
@@ -57,6 +57,18 @@ MAX_REFERENCE_ASPECT = 8.0
 PREVIEW_SIDE = 128
 LORA_ADAPTER = "flash"
 INSTALL_HINT = "not configured: install fluxport[local]"
+NORMALIZATION: dict[str, tuple[str, str]] = {
+    "prompt": ("passthrough", ""),
+    "size": ("passthrough", "converted when not a multiple of 16: generated on the grid, resampled"),
+    "n": ("passthrough", "batched, up to 4 per call (8 for flux.2-dummy); more by parallel calls"),
+    "seed": ("passthrough", ""),
+    "cfg_scale": ("renamed", "FLUX.2's embedded guidance_scale"),
+    "prompt_enhancement": ("passthrough", ""),
+    "image": ("passthrough", "decoded references go straight to the pipeline"),
+    "output_format": ("passthrough", "fluxport encodes the pixels in every format"),
+    "output_compression": ("passthrough", ""),
+    "response_format": ("emulated", "fluxport stores the image or inlines it"),
+}
 # Guesses for Retry-After before any job has finished on a device.
 FIRST_GUESS_S = {"cpu": 5.0, "cuda": 30.0}
 
@@ -224,6 +236,8 @@ class LocalProvider:
         if model == DUMMY:
             return ProviderState(True, "built in: FLUX.2 at tiny size with random weights, on cpu (noise)")
         problem = self._weights_problem()
+        if problem and model == FLASH and self.settings.local_flash_lora is None:
+            problem += " and FLUXPORT_LOCAL_FLASH_LORA to the Turbo LoRA"
         if problem:
             return ProviderState(False, problem)
         if model == DEV:
@@ -253,6 +267,7 @@ class LocalProvider:
     def capabilities(self, model: str) -> Capabilities:
         """Batching, references, every output format (the service encodes pixels), two extras."""
         extras = {"guidance_scale"} if model == FLASH else {"num_inference_steps", "guidance_scale"}
+        spec = find_model(model)
         return Capabilities(
             max_images_per_call=8 if model == DUMMY else 4,
             max_references=4,
@@ -261,6 +276,8 @@ class LocalProvider:
             supports_prompt_enhancement=True,
             supports_cfg_scale=True,
             concurrent=False,  # one job at a time per device: a hedge on it would only queue
+            size=SizePolicy.grid(spec.limits if spec else SizeLimits()),
+            normalization=NORMALIZATION,
         )
 
     # -- loading -------------------------------------------------------------------------------
@@ -472,9 +489,8 @@ class LocalProvider:
             guidance = _float_extra(extras, "guidance_scale")
             norm["guidance_scale"] = Behaviour.PASSTHROUGH
 
-        # The same grid the service prices with: nearest multiple of 16 within the 4 MP cap.
-        spec = find_model(job.model)
-        grid = generation_grid(job.size, spec.limits) if spec else generation_grid(job.size, SizeLimits())
+        # The size the service prices: the nearest multiple of 16 within the 4 MP cap.
+        grid = caps.size.generated(job.size)
         width, height = grid.width, grid.height
         norm["size"] = Behaviour.PASSTHROUGH if Size(width, height) == job.size else Behaviour.CONVERTED
         norm["seed"] = Behaviour.PASSTHROUGH

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fluxport.catalog import MODELS
+from fluxport.domain.pricing import Rate, rate_for
+from fluxport.providers import fal, replicate
 from fluxport.providers._hosted import HttpPolicy
 from fluxport.providers.base import Provider
 from fluxport.providers.fal import FalProvider
@@ -37,3 +39,10 @@ def default_model(settings: Settings, providers: Mapping[str, Provider]) -> str:
         if any(name in providers and providers[name].state(spec.id).configured for name in spec.providers):
             return spec.id
     return next(iter(MODELS))
+
+
+def listed_rate(settings: Settings, provider: str, model: str) -> Rate:
+    """The rate of `model` on `provider` without running providers (the stats CLI): FLUXPORT_PRICES,
+    else the provider's list price."""
+    listed = {"fal": fal.PRICES, "replicate": replicate.PRICES}.get(provider, {}).get(model, Rate.free())
+    return rate_for(provider, model, settings, listed)

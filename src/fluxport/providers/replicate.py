@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
 
 from fluxport.domain.errors import ContentPolicyViolation, FluxportError, InvalidRequest, ProviderFailure
 from fluxport.domain.job import ImageJob, Size
+from fluxport.domain.sizing import Preset
 from fluxport.providers._hosted import (
-    FAL_EXTRAS,
-    REPLICATE_EXTRAS,
     DownloadGuard,
     Http,
     HttpPolicy,
     Progress,
     data_uri,
-    fit_size,
-    known_extras,
-    nearly_equal_ratio,
     step_of,
     to_image,
 )
@@ -33,28 +31,54 @@ from fluxport.providers.base import (
     ProgressCallback,
     ProviderResult,
     ProviderState,
+    Rate,
+    SizePolicy,
 )
 from fluxport.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MODELS: dict[str, str] = {"flux.2-dev": "black-forest-labs/flux-2-dev"}
-# The aspect_ratio enum; each produces about 1 MP.
-ASPECT_RATIOS: dict[str, tuple[int, int]] = {
-    "1:1": (1, 1),
-    "16:9": (16, 9),
-    "9:16": (9, 16),
-    "3:2": (3, 2),
-    "2:3": (2, 3),
-    "4:5": (4, 5),
-    "5:4": (5, 4),
-    "4:3": (4, 3),
-    "3:4": (3, 4),
-}
+# Replicate's own input fields a client may send (extra_body); unknown fields pass through too.
+EXTRAS = frozenset({"disable_safety_checker", "go_fast", "width", "height", "output_quality"})
 MIN_SIDE, MAX_SIDE, MULTIPLE = 256, 1440, 32
-# The enum is used only when its ~1 MP output is about what was asked; otherwise custom w x h.
-_ENUM_PIXELS = (0.85 * 1024 * 1024, 1.15 * 1024 * 1024)
+
+
+def _enum_size(w: int, h: int) -> Size:
+    """The ~1 MP size, at multiples of 32, that an aspect_ratio enum value generates."""
+    width = math.sqrt(1024 * 1024 * w / h)
+    return Size(max(MIN_SIDE, round(width / 32) * 32), max(MIN_SIDE, round(width * h / w / 32) * 32))
+
+
+_RATIOS = ((1, 1), (16, 9), (9, 16), (3, 2), (2, 3), (4, 5), (5, 4), (4, 3), (3, 4))
+# The aspect_ratio enum is used only when its ~1 MP output is about what was asked; otherwise
+# custom width x height, 256-1440 px on a 32 px grid.
+SIZES = SizePolicy(
+    multiple=MULTIPLE,
+    min_side=MIN_SIDE,
+    max_side=MAX_SIDE,
+    presets=tuple(Preset(f"{w}:{h}", w / h, _enum_size(w, h)) for w, h in _RATIOS),
+    preset_pixels=(int(0.85 * 1024 * 1024), int(1.15 * 1024 * 1024)),
+)
 NATIVE_FORMATS = frozenset({"png", "jpeg", "webp"})
+_WIRE_FORMATS = {"jpeg": "jpg"}  # Replicate's output_format enum: webp, jpg, png
+# Where Replicate serves result images (FLUXPORT_DOWNLOAD_HOSTS overrides).
+DOWNLOAD_HOSTS = ("replicate.delivery", "replicate.com")
+# ASSUMPTION: Replicate's flux-2-dev price is unconfirmed (providers.md §8). Read it from
+# Replicate's model page and override it with FLUXPORT_PRICES='{"replicate/flux.2-dev": ...}'.
+PRICES: dict[str, Rate] = {"flux.2-dev": Rate(output_per_mp=0.012, input_per_mp=0.0)}
+NORMALIZATION: dict[str, tuple[str, str]] = {
+    "prompt": ("passthrough", ""),
+    "size": ("converted", "aspect_ratio, or custom width/height (256-1440 px, multiples of 32)"),
+    "n": ("emulated", "one image per prediction: parallel predictions"),
+    "seed": ("passthrough", ""),
+    "cfg_scale": ("unsupported", "requests that set it go to another provider"),
+    "prompt_enhancement": ("unsupported", "requests that set it go to another provider"),
+    "image": ("converted", "data URIs in input_images"),
+    "output_format": ("passthrough", "png, webp; jpeg renamed jpg; gif and avif converted"),
+    "output_compression": ("renamed", "output_quality; emulated for png"),
+    "response_format": ("emulated", "fluxport downloads, stores or inlines the image"),
+}
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 _SAFETY = re.compile(r"nsfw|safety|sensitive|content polic|unsafe", re.IGNORECASE)
 _PARAMS = {
@@ -85,7 +109,8 @@ class ReplicateProvider:
         self._base = settings.replicate_url.rstrip("/")
         self.policy = policy or HttpPolicy()
         self.wait_s = max(1, min(60, wait_s))
-        self._http = Http(self.name, self.policy, client, DownloadGuard.from_settings(settings))
+        guard = DownloadGuard.for_provider(settings, DOWNLOAD_HOSTS, self._base)
+        self._http = Http(self.name, self.policy, client, guard)
 
     def state(self, model: str) -> ProviderState:
         if model not in MODELS:
@@ -99,9 +124,12 @@ class ReplicateProvider:
             max_images_per_call=1,
             max_references=4,
             native_output_formats=NATIVE_FORMATS,
-            extras=REPLICATE_EXTRAS,
+            extras=EXTRAS,
             supports_prompt_enhancement=False,
             supports_cfg_scale=False,
+            size=SIZES,
+            normalization=NORMALIZATION,
+            rate=PRICES.get(model, Rate.free()),
         )
 
     async def aclose(self) -> None:
@@ -123,9 +151,9 @@ class ReplicateProvider:
             )
         if job.n != 1:
             raise InvalidRequest("Replicate makes one image per prediction.", param="n")
-        extras = known_extras(job.extras, REPLICATE_EXTRAS, FAL_EXTRAS)
+        extras = job.extras  # the gateway hands on only Replicate's own fields and unknown ones
         norm: dict[str, Behaviour] = {"seed": Behaviour.PASSTHROUGH, "n": Behaviour.PASSTHROUGH}
-        body: dict[str, Any] = {k: v for k, v in extras.items() if k not in REPLICATE_EXTRAS}
+        body: dict[str, Any] = {k: v for k, v in extras.items() if k not in EXTRAS}
         body |= {"prompt": job.prompt, "seed": job.seed, **_size_input(job.size)}
         norm["size"] = Behaviour.CONVERTED
         if job.output_format in NATIVE_FORMATS:
@@ -134,7 +162,7 @@ class ReplicateProvider:
         else:
             fmt = "png"  # lossless, for the service to convert to avif / gif
             norm["output_format"] = Behaviour.CONVERTED
-        body["output_format"] = "jpg" if fmt == "jpeg" else fmt
+        body["output_format"] = _WIRE_FORMATS.get(fmt, fmt)
         if job.output_compression is not None and fmt != "png":
             body["output_quality"] = job.output_compression
             norm["output_compression"] = Behaviour.RENAMED
@@ -143,7 +171,7 @@ class ReplicateProvider:
         if job.references:
             body["input_images"] = [data_uri(r) for r in job.references]
             norm["image"] = Behaviour.CONVERTED
-        own = {k: v for k, v in extras.items() if k in REPLICATE_EXTRAS}
+        own = {k: v for k, v in extras.items() if k in EXTRAS}
         if "width" in own or "height" in own:
             body["aspect_ratio"] = "custom"  # the client's explicit provider size wins
         body |= own
@@ -175,7 +203,7 @@ class ReplicateProvider:
             timeout_s=self.wait_s + self.policy.timeout_s,
         )
         if response.status_code >= 400:
-            raise _client_error(response)
+            raise _client_error(response, sent=job.extras.keys())
         prediction = self._http.json(response, "create")
         timings.submitted_s = timings.first_status_s = time.monotonic() - t0
         pid = prediction.get("id")
@@ -285,17 +313,18 @@ class ReplicateProvider:
 
 
 def _size_input(size: Size) -> dict[str, Any]:
-    """aspect_ratio from the enum when it yields about `size`, else custom width/height."""
-    if _ENUM_PIXELS[0] <= size.pixels <= _ENUM_PIXELS[1]:
-        for name, (w, h) in ASPECT_RATIOS.items():
-            if nearly_equal_ratio(size, w, h):
-                return {"aspect_ratio": name}
-    fitted = fit_size(size, MIN_SIDE, MAX_SIDE, MULTIPLE)
+    """aspect_ratio from the enum when it makes about `size`, else custom width/height."""
+    preset = SIZES.preset_for(size)
+    if preset is not None:
+        return {"aspect_ratio": preset.name}
+    fitted = SIZES.fit(size)
     return {"aspect_ratio": "custom", "width": fitted.width, "height": fitted.height}
 
 
-def _client_error(response: httpx.Response) -> FluxportError:
-    """Map a Replicate 4xx (RFC 7807 body; other than 401/403/429) to a fluxport error."""
+def _client_error(response: httpx.Response, sent: Iterable[str] = ()) -> FluxportError:
+    """Map a Replicate 4xx (RFC 7807 body; other than 401/403/429) to a fluxport error, naming the
+    field as the client sent it: its own Replicate field (`sent`), else the fluxport parameter."""
+    own = set(sent)
     try:
         body = response.json()
     except ValueError:
@@ -306,12 +335,13 @@ def _client_error(response: httpx.Response) -> FluxportError:
     fields = body.get("invalid_fields")
     if isinstance(fields, list) and fields and isinstance(fields[0], dict):
         name = str(fields[0].get("field", "")).removeprefix("input.")
-        param = _PARAMS.get(name, name) or None
+        param = (name if name in own else _PARAMS.get(name, name)) or None
         detail = str(fields[0].get("description") or detail)
     else:
         match = re.search(r"input\.(\w+)", detail)
         if match:
-            param = _PARAMS.get(match.group(1), match.group(1))
+            name = match.group(1)
+            param = name if name in own else _PARAMS.get(name, name)
     if response.status_code in (400, 422):
         if _SAFETY.search(detail):
             return ContentPolicyViolation(f"Replicate refused the request: {detail}", param=param or "prompt")
