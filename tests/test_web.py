@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fluxport.api.web import NORMALIZATION, RateLimiter
+from fluxport.api.web import RateLimiter
 from fluxport.domain.errors import RateLimited
 from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
 from fluxport.providers.fal import FalProvider
@@ -104,7 +104,12 @@ def test_model_page_has_every_section(web: LiveServer) -> None:
     ):
         assert f">{heading}</h" in html, heading
     assert "Accurate text rendering" in html  # a strength from the catalog
-    assert "No data yet" in html and "last 30 days" in html  # nothing recorded for flux.2-dev
+    # Nothing recorded for flux.2-dev: the rankings table is still there, columns and all, with
+    # one row saying so.
+    rankings = html.split('id="rankings"', 1)[1].split("</section>", 1)[0]
+    for column in ("p50", "p95", "Success rate", "TTFB p50"):
+        assert f'<th scope="col">{column}</th>' in rankings, column
+    assert "No requests in the last 30 days" in rankings
     assert "rounded up to the next whole megapixel" in html
     # The size table: the seeds' 1K shapes, and 0.5K / 2K scaled from them.
     for size in ("1365×768", "887×1182", "682×384", "2730×1536"):
@@ -138,7 +143,7 @@ def test_model_page_rankings_fill_in_from_recorded_requests(web: LiveServer) -> 
     assert r.status_code == 200, r.text
     html = httpx.get(web.url + "/models/flux.2-dummy").text
     rankings = html.split('id="rankings"', 1)[1].split("</section>", 1)[0]
-    assert "No data yet" not in rankings
+    assert "No requests in the last" not in rankings
     assert re.search(r'<th scope="row">local</th><td>[\d.]+ m?s</td>', rankings), rankings
     assert "100.0 %" in rankings
 
@@ -273,7 +278,8 @@ def test_static_assets_are_served(web: LiveServer) -> None:
     [("fal", FalProvider), ("replicate", ReplicateProvider)],
 )
 def test_normalization_table_matches_what_the_adapters_report(provider: str, build: Any) -> None:
-    """The page's table and the adapters' own reports agree for a plain and an edit request."""
+    """The page's table (the providers' declared normalisation) and the adapters' own reports
+    agree for a plain and an edit request."""
     adapter = build(Settings(fal_key=None, replicate_api_token=None))
     ref = ReferenceImage(data=png_bytes(64, 64), format="png", width=64, height=64)
     plain = ImageJob(
@@ -287,7 +293,7 @@ def test_normalization_table_matches_what_the_adapters_report(provider: str, bui
     ]
     if provider == "fal":
         cases.append((replace(plain, cfg_scale=3.0, prompt_enhancement=True), None))
-    table = NORMALIZATION[provider]
+    table = adapter.capabilities("flux.2-dev").normalization
     for job, only in cases:
         _, _, report = adapter.build_input(job)
         for param, behaviour in report.items():

@@ -72,7 +72,9 @@ async def _generate(request: Request) -> JSONResponse:
         raw = await request.body()
         data = load_json(raw)  # strict: 400 for bad UTF-8, nesting bombs, NaN, lone surrogates
         req = parse_image_request(data)
-        prepared = await service.prepare(request.state.request_id, Operation.GENERATE, req, api_key_id=key_id)
+        prepared = await service.prepare(
+            request.state.request_id, Operation.GENERATE, req.to_params(), api_key_id=key_id
+        )
         await _check_budget(request, prepared)
     except FluxportError as exc:
         fields = data if isinstance(data, dict) else {}
@@ -127,7 +129,7 @@ async def _edit(request: Request) -> JSONResponse:
         fields, uploads = await _read_multipart(request, service.settings.max_image_bytes)
         req = parse_image_request(fields)
         prepared = await service.prepare(
-            request.state.request_id, Operation.EDIT, req, uploads, api_key_id=key_id
+            request.state.request_id, Operation.EDIT, req.to_params(), uploads, api_key_id=key_id
         )
         await _check_budget(request, prepared)
     except FluxportError as exc:

@@ -9,7 +9,6 @@ from pydantic import BaseModel, Field
 
 from fluxport.api.protocol import ErrorResponse, ModelList, ModelObject, ProviderInfo
 from fluxport.catalog import MODELS, ModelSpec
-from fluxport.domain.pricing import rate_for
 from fluxport.gateway.service import ImageService
 from fluxport.gateway.stats import DEFAULT_WINDOW, provider_stats
 
@@ -78,7 +77,7 @@ async def model_providers(model_id: str, request: Request) -> ProviderStatsList:
     rows = []
     for name, state in states:
         s = stats[name]
-        rate = rate_for(name, spec.id, service.settings)
+        rate = service.rate(name, spec.id)
         rows.append(
             ProviderStatsObject(
                 provider=name,

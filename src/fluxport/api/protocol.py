@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fluxport.domain.errors import InvalidRequest
+from fluxport.domain.job import OutputFormat
+from fluxport.domain.request import ImageParams
 
 MAX_SEED = 2**63 - 1
 # Deepest nesting accepted in a body (the OpenAI shapes need 2; extras rarely more).
@@ -48,7 +50,7 @@ class ImageRequest(BaseModel):
         default=None, description="on: the provider rewrites the prompt; it comes back as revised_prompt."
     )
     response_format: Literal["url", "b64_json"] | None = None
-    output_format: Literal["png", "jpeg", "gif", "webp", "avif"] | None = None
+    output_format: OutputFormat | None = None
     output_compression: int | None = Field(
         default=None, ge=0, le=100, description="Quality for lossy formats."
     )
@@ -92,6 +94,31 @@ class ImageRequest(BaseModel):
     def ignored(self) -> list[str]:
         return sorted(
             k for k, v in (self.model_extra or {}).items() if k in OPENAI_ONLY_FIELDS and v is not None
+        )
+
+    def to_params(self) -> ImageParams:
+        """The gateway's view of this body: the parameters, without the wire model."""
+        return ImageParams(
+            prompt=self.prompt,
+            model=self.model,
+            n=self.n,
+            size=self.size,
+            aspect_ratio=self.aspect_ratio,
+            resolution=self.resolution,
+            seed=self.seed,
+            cfg_scale=self.cfg_scale,
+            prompt_enhancement=self.prompt_enhancement == "on",
+            response_format=self.response_format,
+            output_format=self.output_format,
+            output_compression=self.output_compression,
+            stream=bool(self.stream),
+            background=self.background,
+            provider=self.provider,
+            strategy=self.strategy,
+            hedge=self.hedge,
+            dry_run=bool(self.dry_run),
+            extras=self.extras,
+            ignored=tuple(self.ignored),
         )
 
 

@@ -30,8 +30,7 @@ from starlette.datastructures import FormData, UploadFile
 from fluxport.api.protocol import ImageRequest, parse_image_request
 from fluxport.catalog import MODELS, NOISE_NOTE, TIER_MEGAPIXELS, ModelSpec, find_model
 from fluxport.domain.errors import FluxportError, InvalidRequest, NotFound, PayloadTooLarge, RateLimited
-from fluxport.domain.job import Operation, Size
-from fluxport.domain.pricing import price, rate_for
+from fluxport.domain.job import OUTPUT_FORMATS, Operation, Size, file_extension
 from fluxport.domain.sizing import tier_size
 from fluxport.gateway.service import Completed, ImageService, PreparedRequest
 from fluxport.gateway.stats import DEFAULT_WINDOW, provider_stats
@@ -64,48 +63,6 @@ PARAMETERS: tuple[tuple[str, str, bool, bool, str], ...] = (
     ("output_compression", "0-100", True, True, "Quality for jpeg, webp, avif."),
 )
 
-# How each parameter reaches each provider, as the adapters report it in x-fluxport-normalization
-# (providers/local.py, fal.py, replicate.py, and the service for response_format and n splitting).
-# tests/test_web.py checks the hosted columns against the adapters' own build_input reports.
-NORMALIZATION: dict[str, dict[str, tuple[str, str]]] = {
-    "local": {
-        "prompt": ("passthrough", ""),
-        "size": ("passthrough", "converted when not a multiple of 16: generated on the grid, resampled"),
-        "n": ("passthrough", "batched, up to 4 per call (8 for flux.2-dummy); more by parallel calls"),
-        "seed": ("passthrough", ""),
-        "cfg_scale": ("renamed", "FLUX.2's embedded guidance_scale"),
-        "prompt_enhancement": ("passthrough", ""),
-        "image": ("passthrough", "decoded references go straight to the pipeline"),
-        "output_format": ("passthrough", "fluxport encodes the pixels in every format"),
-        "output_compression": ("passthrough", ""),
-        "response_format": ("emulated", "fluxport stores the image or inlines it"),
-    },
-    "fal": {
-        "prompt": ("passthrough", ""),
-        "size": ("renamed", "image_size {width, height}; converted outside 512-2048 px"),
-        "n": ("renamed", "num_images, up to 4 per call; more by parallel calls (emulated)"),
-        "seed": ("passthrough", ""),
-        "cfg_scale": ("renamed", "guidance_scale"),
-        "prompt_enhancement": ("renamed", "enable_prompt_expansion"),
-        "image": ("converted", "data URIs in image_urls, on the /edit endpoint"),
-        "output_format": ("passthrough", "png, jpeg, webp; gif and avif converted by fluxport"),
-        "output_compression": ("emulated", "fal has no quality setting: fluxport encodes"),
-        "response_format": ("emulated", "fluxport downloads, stores or inlines the image"),
-    },
-    "replicate": {
-        "prompt": ("passthrough", ""),
-        "size": ("converted", "aspect_ratio, or custom width/height (256-1440 px, multiples of 32)"),
-        "n": ("emulated", "one image per prediction: parallel predictions"),
-        "seed": ("passthrough", ""),
-        "cfg_scale": ("unsupported", "requests that set it go to another provider"),
-        "prompt_enhancement": ("unsupported", "requests that set it go to another provider"),
-        "image": ("converted", "data URIs in input_images"),
-        "output_format": ("passthrough", "png, webp; jpeg renamed jpg; gif and avif converted"),
-        "output_compression": ("renamed", "output_quality; emulated for png"),
-        "response_format": ("emulated", "fluxport downloads, stores or inlines the image"),
-    },
-}
-
 PRICING_NOTES: tuple[str, ...] = (
     "FLUX.2 is billed per megapixel (1 MP = 1024 × 1024 px); each image is rounded up to the next "
     "whole megapixel, so 1920 × 1080 counts as 2 MP.",
@@ -115,7 +72,6 @@ PRICING_NOTES: tuple[str, ...] = (
     "FLUXPORT_PRICES, e.g. '{\"replicate/flux.2-dev\": 0.012}'; Replicate's flux-2-dev price is unconfirmed.",
 )
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp", "avif", "gif")
 PLAYGROUND_FIELDS = ("prompt", "model", "size", "aspect_ratio", "resolution", "seed", "n", "output_format")
 MAX_PLAYGROUND_FILES = 4
 
@@ -153,7 +109,7 @@ async def provider_rows(service: ImageService, spec: ModelSpec) -> list[Provider
     by_name = {r.name: r for r in rows}
     for row in rows:
         try:
-            rate = rate_for(row.name, spec.id, service.settings)
+            rate = service.rate(row.name, spec.id)
         except Exception:  # a page must render even when pricing is misconfigured
             log.exception("no price for %s/%s", row.name, spec.id)
             continue
@@ -298,6 +254,12 @@ async def model_page(model_id: str, request: Request) -> Response:
         )
     rows = await provider_rows(service, spec)
     base = _base_url(request, service)
+    # How each parameter reaches each provider, as the providers declare it (their Capabilities).
+    providers = service.providers
+    normalization = [
+        (name, providers[name].capabilities(spec.id).normalization if name in providers else {})
+        for name in spec.providers
+    ]
     tiers = sorted(spec.tiers, key=lambda t: TIER_MEGAPIXELS[t])
     return _page(
         request,
@@ -314,8 +276,8 @@ async def model_page(model_id: str, request: Request) -> Response:
         tiers=tiers,
         tier_mp=TIER_MEGAPIXELS,
         sizes=_size_table(spec),
-        normalization=[(p, NORMALIZATION.get(p, {})) for p in spec.providers],
-        norm_params=list(NORMALIZATION["local"]),
+        normalization=normalization,
+        norm_params=list(dict.fromkeys(param for _, table in normalization for param in table)),
         examples=_examples(base, spec.id, spec.noise),
         base_url=base,
     )
@@ -550,7 +512,7 @@ async def _start(
     fields = _request_fields(values)
     try:
         req = parse_image_request(fields)
-        prepared = await service.prepare(request_id, operation, req, uploads)
+        prepared = await service.prepare(request_id, operation, req.to_params(), uploads)
     except FluxportError as exc:
         await service.reject(request_id, operation, fields, exc)
         raise
@@ -594,22 +556,10 @@ def _finish(
         job.finish(_result(job, service, prepared, task.result()), None)
 
 
-def _cost(service: ImageService, prepared: PreparedRequest, done: Completed) -> float | None:
-    if done.usage is not None:  # what the service billed
-        return done.usage.cost_usd
-    try:
-        rate = rate_for(done.provider, done.model, service.settings)
-        refs = [r.size for r in prepared.job.references]
-        return price(rate, [img.image.size for img in done.images], refs).cost_usd
-    except Exception:
-        log.exception("no cost for %s", done.request_id)
-        return None
-
-
 def _result(
     job: PlaygroundJob, service: ImageService, prepared: PreparedRequest, done: Completed
 ) -> dict[str, Any]:
-    ext = {"jpeg": "jpg"}.get(done.output_format, done.output_format)
+    ext = file_extension(done.output_format)
     return {
         "request_id": done.request_id,
         "operation": job.operation,
@@ -618,7 +568,7 @@ def _result(
         "latency_ms": round((time.monotonic() - job.started) * 1000),
         "size": str(done.size),
         "output_format": done.output_format,
-        "cost_usd": _cost(service, prepared, done),
+        "cost_usd": done.usage.cost_usd,
         "revised_prompt": done.revised_prompt,
         "normalization": done.normalization,
         "images": [

@@ -1,0 +1,73 @@
+"""What a request costs on each provider, which fields each receives, and the ranked plan.
+
+The one place a price is computed: the size each provider generates (its SizePolicy) at its rate,
+per call of the fan-out. Ranking, dry runs, billing and the response's usage all read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from fluxport.domain.job import ImageJob
+from fluxport.domain.pricing import Rate, Usage, price, rate_for
+from fluxport.gateway.router import Router, Strategy
+from fluxport.gateway.types import PreparedRequest
+from fluxport.providers.base import Provider
+from fluxport.settings import Settings
+
+
+class Planner:
+    """Prices jobs per provider and ranks the providers of a prepared request."""
+
+    def __init__(self, settings: Settings, providers: Mapping[str, Provider], router: Router) -> None:
+        self.settings = settings
+        self.providers = providers
+        self.router = router
+
+    def rate(self, provider: Provider, model: str) -> Rate:
+        return rate_for(provider.name, model, self.settings, provider.capabilities(model).rate)
+
+    def slices(self, provider: Provider, job: ImageJob) -> list[ImageJob]:
+        """`job` as the calls `provider` makes: n split by what one call can make, each with the
+        fields meant for it (its own and unknown ones, never another provider's)."""
+        caps = provider.capabilities(job.model)
+        claimed = {
+            name
+            for other in self.providers.values()
+            if other is not provider
+            for name in other.capabilities(job.model).extras
+        }
+        extras = {k: v for k, v in job.extras.items() if k in caps.extras or k not in claimed}
+        per_call = max(1, caps.max_images_per_call)
+        return [
+            replace(job, n=min(per_call, job.n - start), seed=job.seed + start, extras=extras)
+            for start in range(0, job.n, per_call)
+        ]
+
+    def call_cost(self, provider: Provider, call: ImageJob) -> Usage:
+        """One call's cost: the images at the size the provider generates, plus its references."""
+        generated = provider.capabilities(call.model).size.generated(call.size)
+        refs = [r.size for r in call.references]
+        return price(self.rate(provider, call.model), [generated] * call.n, refs)
+
+    def estimate(self, provider: Provider, job: ImageJob) -> Usage:
+        """The cost of `job` on `provider`: the sum of its calls (each bills its own references)."""
+        return sum_usage([self.call_cost(provider, call) for call in self.slices(provider, job)])
+
+    def ranked(self, p: PreparedRequest) -> list[tuple[Provider, float]]:
+        """The able providers best first, each with this request's estimated cost there."""
+        by_name = {prov.name: prov for prov in p.providers}
+        prices = {name: self.estimate(prov, p.job).cost_usd for name, prov in by_name.items()}
+        strategy = Strategy(p.request.strategy or self.settings.router_strategy)
+        ranked = self.router.rank(p.job.model, prices, strategy, p.explicit)
+        return [(by_name[c.name], c.price_usd) for c in ranked]
+
+
+def sum_usage(parts: list[Usage]) -> Usage:
+    return Usage(
+        images=sum(u.images for u in parts),
+        input_megapixels=sum(u.input_megapixels for u in parts),
+        output_megapixels=sum(u.output_megapixels for u in parts),
+        cost_usd=round(sum(u.cost_usd for u in parts), 6),
+    )
