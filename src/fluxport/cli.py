@@ -406,7 +406,7 @@ async def _run_async(
     t0 = time.monotonic()
     try:
         req = parse_image_request(fields)
-        prepared = await service.prepare(new_request_id(), operation, req, uploads)
+        prepared = await service.prepare(new_request_id(), operation, req.to_params(), uploads)
         if prepared.spec.noise:
             console.print(f"[yellow]{NOISE_NOTE}[/]")
         with Progress(
@@ -479,8 +479,8 @@ def stats(
 async def _stats_tables(models: list[str], window_days: int) -> list[Table]:
     from datetime import timedelta
 
-    from fluxport.domain.pricing import rate_for
     from fluxport.gateway.stats import provider_stats
+    from fluxport.providers.registry import listed_rate
     from fluxport.storage.db import Database
 
     settings = Settings()
@@ -499,7 +499,7 @@ async def _stats_tables(models: list[str], window_days: int) -> list[Table]:
             for column in ("provider", "p50", "p95", "success rate", "TTFB p50", "requests", "$/MP"):
                 table.add_column(column, justify="left" if column == "provider" else "right")
             for r in rows:
-                price = _usd(rate_for(r.provider, model_id, settings).output_per_mp)
+                price = _usd(listed_rate(settings, r.provider, model_id).output_per_mp)
                 if r.requests == 0:
                     table.add_row(r.provider, "[dim]no data yet[/]", "", "", "", "0", price)
                     continue
