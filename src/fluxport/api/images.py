@@ -26,7 +26,7 @@ from fluxport.api.protocol import (
     parse_image_request,
 )
 from fluxport.domain.errors import FluxportError, InvalidRequest, NotFound, PayloadTooLarge
-from fluxport.domain.job import Operation
+from fluxport.domain.job import OUTPUT_FORMATS, Operation, file_extension
 from fluxport.gateway.service import Completed, ImageService, PreparedRequest
 
 router = APIRouter()
@@ -36,7 +36,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
 _BRACKETS = re.compile(r"\[([^\]]*)\]")
-_ID = re.compile(r"^([A-Za-z0-9_-]{20,64})\.(png|jpg|gif|webp|avif)$")
+_EXTENSIONS = "|".join(file_extension(f) for f in OUTPUT_FORMATS)
+_ID = re.compile(rf"^([A-Za-z0-9_-]{{20,64}})\.({_EXTENSIONS})$")
 MAX_FORM_FIELDS = 200
 MAX_FORM_FILES = 8
 
