@@ -329,7 +329,8 @@ async def stored_image(name: str, request: Request) -> FileResponse:
     service = _service(request)
     m = _ID.match(name)
     row = await service.db.get_image(m.group(1)) if m else None
-    if row is None:
+    # The extension is part of the link: a PNG asked for as .jpg would be served under a lying name.
+    if row is None or m is None or file_extension(row.format) != m.group(2):
         raise NotFound("No such image (the link may be wrong or expired).", param=None)
     # Checked here, not only by the sweep: a link is dead from the stated expires_at on.
     created = int(row.created_at.timestamp()) if row.created_at else 0

@@ -36,7 +36,9 @@ OPENAI_ONLY_FIELDS = frozenset(
 class ImageRequest(BaseModel):
     """Body of POST /v1/images/generations, and the text fields of /v1/images/edits."""
 
-    model_config = ConfigDict(extra="allow")
+    # Strict: n="3" or n=true is a 400 naming n, not silently 3 or 1 (form and CLI text is typed
+    # by coerce_text before it gets here).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: str = Field(description="What to draw, or how to edit the references.")
     model: str | None = Field(default=None, description="Model id; default flux.2-dev.")

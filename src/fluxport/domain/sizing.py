@@ -131,7 +131,17 @@ def decide_size(
     resolution: str | None,
     reference: Size | None = None,
 ) -> SizeDecision:
-    """Decide the delivered size; `reference` is the first reference image's size for edits."""
+    """Decide the delivered size; `reference` is the first reference image's size for edits.
+
+    Every field that was sent is validated first, then the precedence applies: an invalid
+    aspect_ratio is a 400 even when size wins over it, and an empty string is no value."""
+    for param, value in (("size", size), ("aspect_ratio", aspect_ratio), ("resolution", resolution)):
+        if value is not None and not value.strip():
+            raise InvalidRequest(f"Invalid {param} '': leave it out, or give a value.", param=param)
+    if aspect_ratio is not None:
+        parse_ratio(aspect_ratio, "aspect_ratio")
+    if resolution is not None:
+        parse_tier(resolution)
     text = (size or "").strip()
     if text.lower() == "auto":
         text = ""
@@ -145,7 +155,7 @@ def decide_size(
         )
     tier = None
     tier_adjusted = False
-    if resolution is not None and resolution.strip():
+    if resolution is not None:
         megapixels = parse_tier(resolution)
         tier = nearest_tier(megapixels, spec)
         tier_adjusted = not math.isclose(TIER_MEGAPIXELS[tier], megapixels)
