@@ -93,3 +93,27 @@ def test_an_image_asked_for_under_another_extension_is_404(server: LiveServer) -
     wrong = httpx.get(url.removesuffix(".png") + ".jpg")
     assert wrong.status_code == 404
     assert "No such image" in wrong.json()["error"]["message"]
+
+
+def test_an_unknown_field_is_bounded_in_size(server: LiveServer) -> None:
+    err = refused(server, my_field="x" * (1024 * 1024), dry_run=True)
+    assert param_of(err) == "my_field"
+    assert "FLUXPORT_MAX_EXTRA_FIELD_BYTES" in err.message
+
+
+def test_an_unknown_field_is_bounded_in_depth(server: LiveServer) -> None:
+    deep: Any = 1
+    for _ in range(6):
+        deep = {"k": deep}
+    err = refused(server, my_field=deep, dry_run=True)
+    assert param_of(err) == "my_field" and "nested deeper" in err.message
+
+
+def test_a_modest_unknown_field_still_passes(server: LiveServer) -> None:
+    raw = server.client().images.with_raw_response.generate(
+        model=DUMMY,
+        prompt="a barn",
+        size="256x256",
+        extra_body={"my_field": {"a": [1, 2, 3]}, "dry_run": True},
+    )
+    assert raw.http_response.status_code == 200

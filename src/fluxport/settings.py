@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     max_image_bytes: int = 50 * 1024 * 1024
     max_input_pixels: int = 50_000_000
     max_body_bytes: int = 5 * 50 * 1024 * 1024 + 1024 * 1024
+    # A JSON body holds a prompt and parameters, never images: refused (413) beyond this.
+    max_json_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Each provider-specific or unknown field is handed on to a provider: bounded in size and depth.
+    max_extra_field_bytes: int = Field(default=16 * 1024, ge=64)
+    max_extra_field_depth: int = Field(default=4, ge=1)
 
     # Web pages and playground (no API key; limited per client IP instead)
     playground_rate_per_minute: int = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -80,6 +81,7 @@ class Preparer:
             raise InvalidRequest("Streaming is not supported yet; omit 'stream'.", param="stream")
         if req.background == "transparent":
             raise InvalidRequest("FLUX.2 cannot make transparent backgrounds.", param="background")
+        self._check_extras(req.extras)
         if operation is Operation.EDIT and not uploads:
             raise InvalidRequest("An edit needs at least one reference image.", param="image")
         limit = min(MAX_REFERENCES, spec.max_references)
@@ -206,6 +208,32 @@ class Preparer:
                 )
             able = remaining
         return able
+
+    def _check_extras(self, extras: Mapping[str, Any]) -> None:
+        """Fields handed on to a provider untouched are bounded: a 400 naming the field beyond
+        FLUXPORT_MAX_EXTRA_FIELD_BYTES (as JSON) or FLUXPORT_MAX_EXTRA_FIELD_DEPTH levels."""
+        max_bytes, max_depth = self.settings.max_extra_field_bytes, self.settings.max_extra_field_depth
+        for name, value in extras.items():
+            if len(name) > 100:
+                raise InvalidRequest(f"The field name '{name[:40]}...' is too long.", param=name[:100])
+            # Size first (in C): it bounds the walk below.
+            size = len(json.dumps(value, ensure_ascii=False).encode())
+            if size > max_bytes:
+                raise InvalidRequest(
+                    f"Invalid value for '{name}': {size} bytes as JSON; a provider field takes at most "
+                    f"{max_bytes} (FLUXPORT_MAX_EXTRA_FIELD_BYTES).",
+                    param=name,
+                )
+            stack: list[tuple[Any, int]] = [(value, 1)]
+            while stack:
+                item, depth = stack.pop()
+                if isinstance(item, dict | list):
+                    if depth > max_depth:
+                        raise InvalidRequest(
+                            f"Invalid value for '{name}': nested deeper than {max_depth} levels.", param=name
+                        )
+                    children = item.values() if isinstance(item, dict) else item
+                    stack.extend((child, depth + 1) for child in children)
 
     def how_to_configure(self, spec: ModelSpec) -> str:
         """What to set to serve `spec`, in each of its providers' own words."""
