@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
-from fluxport.api.web import RateLimiter
 from fluxport.domain.errors import RateLimited
 from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
 from fluxport.providers.fal import FalProvider
 from fluxport.providers.replicate import ReplicateProvider
 from fluxport.settings import Settings
+from fluxport.web.ratelimit import RateLimiter
 from tests.conftest import LiveServer, start_server
 from tests.imagefactory import png_bytes
 

@@ -20,8 +20,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fluxport import __version__
-from fluxport.api import images, metrics, models, usage, web
+from fluxport import __version__, web
+from fluxport.api import images, metrics, models, usage
 from fluxport.api.auth import ApiKeyAuth, KeyAuth
 from fluxport.api.idempotency import Idempotency
 from fluxport.domain.errors import FluxportError, InvalidRequest, PayloadTooLarge
@@ -240,7 +240,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(usage.router)
-    # Web pages and the playground (api/web.py), outside /v1 so they need no key.
+    # Web pages and the playground (fluxport/web/), outside /v1 so they need no key.
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
 
