@@ -12,9 +12,9 @@ from fastapi.templating import Jinja2Templates
 from fluxport.catalog import NOISE_NOTE
 from fluxport.gateway.service import ImageService
 
-ASSETS = Path(__file__).parent.parent / "api"
-STATIC_DIR = ASSETS / "static"
-templates = Jinja2Templates(directory=ASSETS / "templates")
+HERE = Path(__file__).parent
+STATIC_DIR = HERE / "static"
+templates = Jinja2Templates(directory=HERE / "templates")
 
 
 def image_service(request: Request) -> ImageService:
