@@ -1,0 +1,270 @@
+"""The pipelines: loading Flux2Pipeline, placing it, the Turbo LoRA, and running a plan on the worker.
+
+Everything here runs on a device worker thread; torch and diffusers are imported only when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fluxport.domain.errors import FluxportError, InvalidRequest, ProviderFailure
+from fluxport.providers.base import ProgressCallback, ProgressEvent
+from fluxport.providers.local.plan import _Plan
+from fluxport.providers.local.worker import _Cancelled, _Task
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from fluxport.settings import Settings
+
+UPSAMPLE_TEMPERATURE = 0.15  # BFL's recommendation (reference §7.3)
+GRID = 16  # 8x VAE times the 2x2 patch
+PREVIEW_SIDE = 128
+LORA_ADAPTER = "flash"
+
+_CUDA_OOM_NAMES = ("OutOfMemoryError", "AcceleratorError")
+
+
+@dataclass
+class _Output:
+    images: list[Image]
+    revised_prompt: str | None
+    generation_s: float
+    finished: float
+
+
+class _Pipelines:
+    """The loaded pipeline per family ("dummy", "dev") and the Turbo LoRA; used from worker threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # Touched only from the worker thread of the pipeline's device.
+        self._pipes: dict[str, Any] = {}
+        self._lora_loaded = False
+
+    def clear(self) -> None:
+        """Drop the loaded pipelines (on shutdown, once the workers have stopped)."""
+        self._pipes.clear()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def ensure_pipeline(self, family: str, device: str, progress: ProgressCallback) -> Any:
+        """The pipeline for `family` on `device`, built or loaded on first use."""
+        pipe: Any = self._pipes.get(family)
+        if pipe is not None:
+            return pipe
+        import torch
+
+        from fluxport.providers.dummy import build_dummy_pipeline, ensure_processor_shape
+
+        if family == "dummy":
+            progress(ProgressEvent(stage="loading", step=0, total=1, message="building flux.2-dummy"))
+            pipe = build_dummy_pipeline()
+            progress(ProgressEvent(stage="loading", step=1, total=1, message="flux.2-dummy ready"))
+        else:
+            # Untyped on purpose: the library's partial annotations trip mypy --strict.
+            diffusers: Any = importlib.import_module("diffusers")
+
+            weights = self.settings.local_weights
+            assert weights is not None  # _check_servable made sure
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+            progress(ProgressEvent(stage="loading", step=0, total=2, message=f"reading {weights}"))
+            try:
+                pipe = diffusers.Flux2Pipeline.from_pretrained(
+                    str(weights), torch_dtype=dtype, local_files_only=True
+                )
+                progress(ProgressEvent(stage="loading", step=1, total=2, message=f"moving to {device}"))
+                _place(pipe, device)
+            except Exception as exc:
+                raise _failure(exc, f"loading FLUX.2 [dev] from {weights}") from exc
+            progress(ProgressEvent(stage="loading", step=2, total=2, message="flux.2-dev ready"))
+        ensure_processor_shape(pipe.tokenizer)
+        pipe.set_progress_bar_config(disable=True)
+        self._pipes[family] = pipe
+        return pipe
+
+    def ensure_lora(self, progress: ProgressCallback) -> None:
+        """Load the Turbo LoRA into the dev pipeline once, left disabled."""
+        if self._lora_loaded:
+            return
+        pipe = self._pipes["dev"]
+        path = self.settings.local_flash_lora
+        assert path is not None
+        progress(ProgressEvent(stage="loading", step=0, total=1, message=f"loading Turbo LoRA {path}"))
+        try:
+            if path.is_file():
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=LORA_ADAPTER)
+            else:
+                pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
+        except Exception as exc:
+            raise _failure(exc, f"loading the Turbo LoRA from {path}") from exc
+        # One transformer serves both models: the adapter is switched on per flash job only.
+        pipe.disable_lora()
+        self._lora_loaded = True
+        progress(ProgressEvent(stage="loading", step=1, total=1, message="Turbo LoRA ready"))
+
+    # -- execution -----------------------------------------------------------------------------
+
+    def execute(self, plan: _Plan, task: _Task, progress: ProgressCallback) -> _Output:
+        """Runs on the device worker thread."""
+        try:
+            return self._execute_unchecked(plan, task, progress)
+        except (_Cancelled, FluxportError):
+            raise
+        except Exception as exc:
+            raise _failure(exc, f"generating with {plan.job.model}") from exc
+
+    def _execute_unchecked(self, plan: _Plan, task: _Task, progress: ProgressCallback) -> _Output:
+        import PIL.Image
+        import torch
+
+        pipe = self.ensure_pipeline(plan.family, plan.device, progress)
+        if plan.lora:
+            self.ensure_lora(progress)
+            pipe.enable_lora()
+        elif plan.lora is False and self._lora_loaded:
+            pipe.disable_lora()
+        if task.cancel.is_set():
+            raise _Cancelled
+
+        job = plan.job
+        references: list[Image] = []
+        for ref in job.references:
+            try:
+                with PIL.Image.open(io.BytesIO(ref.data)) as img:
+                    references.append(img.convert("RGB"))
+            except Exception as exc:
+                raise InvalidRequest(f"A reference image could not be decoded: {exc}", param="image") from exc
+
+        began = time.monotonic()
+        prompt = job.prompt
+        revised: str | None = None
+        if job.prompt_enhancement:
+            revised = _upsample(pipe, plan, references) or prompt
+            prompt = revised
+
+        latent_h, latent_w = plan.height // GRID, plan.width // GRID
+        every = max(1, plan.steps // 4)
+
+        def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if task.cancel.is_set():
+                p._interrupt = True
+                raise _Cancelled
+            total = p.num_timesteps
+            preview = None
+            if (i + 1) % every == 0 and i + 1 < total:
+                preview = _preview_png(kwargs["latents"], latent_h, latent_w)
+            progress(ProgressEvent(stage="step", step=i + 1, total=total, preview=preview))
+            if i + 1 == total:
+                progress(ProgressEvent(stage="decoding", step=total, total=total))
+            return kwargs
+
+        # CPU generators: the same noise on any device; torch seeds are 64-bit.
+        generators = [torch.Generator(device="cpu").manual_seed(s % 2**64) for s in plan.seeds]
+        call: dict[str, Any] = {
+            "prompt": prompt,
+            "height": plan.height,
+            "width": plan.width,
+            "num_inference_steps": plan.steps,
+            "guidance_scale": plan.guidance,
+            "num_images_per_prompt": job.n,
+            "generator": generators,
+            "output_type": "pil",
+            "callback_on_step_end": on_step,
+        }
+        if plan.sigmas is not None:
+            call["sigmas"] = list(plan.sigmas)
+        if references:
+            call["image"] = references
+        with torch.inference_mode():
+            images = pipe(**call).images
+        finished = time.monotonic()
+        progress(ProgressEvent(stage="done", step=plan.steps, total=plan.steps))
+        return _Output(
+            images=[img.convert("RGB") for img in images],
+            revised_prompt=revised,
+            generation_s=finished - began,
+            finished=finished,
+        )
+
+
+def _place(pipe: Any, device: str) -> None:
+    """Keep everything resident when it fits (H200); otherwise offload per component (H100)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        pipe.to(device)
+        return
+    need = sum(
+        p.numel() * p.element_size()
+        for name in ("transformer", "text_encoder", "vae")
+        for p in getattr(pipe, name).parameters()
+    )
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    # Leave room for activations at 1-4 MP and a few references.
+    if need < free - 8 * 1024**3:
+        pipe.to(device)
+    else:
+        pipe.enable_model_cpu_offload(device=device)
+
+
+def _upsample(pipe: Any, plan: _Plan, references: list[Image]) -> str:
+    """Rewrite the prompt with the text encoder; seeded so the same job gets the same rewrite."""
+    import torch
+
+    devices: list[int] = []
+    if plan.device.startswith("cuda"):
+        index = torch.device(plan.device).index
+        devices = [torch.cuda.current_device() if index is None else index]
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(plan.job.seed % 2**64)  # seeds the CUDA generators too
+        out = pipe.upsample_prompt(
+            plan.job.prompt,
+            # One list of images per prompt; several are concatenated into one by the pipeline.
+            images=[references] if references else None,
+            temperature=UPSAMPLE_TEMPERATURE,
+            device=pipe._execution_device,
+        )
+    return str(out[0]).strip()
+
+
+def _failure(exc: BaseException, doing: str) -> ProviderFailure:
+    """Turn a torch/diffusers exception into ProviderFailure; out-of-memory gets a clear message."""
+    if isinstance(exc, MemoryError) or (
+        type(exc).__name__ in _CUDA_OOM_NAMES and "out of memory" in str(exc).lower()
+    ):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # best effort: the failure itself is what matters
+            pass
+        return ProviderFailure(
+            f"Out of memory while {doing}; try fewer images, a smaller size or fewer references."
+        )
+    return ProviderFailure(f"Local pipeline failed while {doing}: {type(exc).__name__}: {exc}"[:1000])
+
+
+def _preview_png(latents: Any, height: int, width: int) -> bytes | None:
+    """A cheap false-colour preview of the first image's latents (no VAE), as small PNG bytes."""
+    import PIL.Image
+    import torch
+
+    try:
+        x = latents[0].detach().float().cpu().view(height, width, -1)
+        rgb = torch.stack([x[..., c::3].mean(-1) for c in range(3)], dim=-1)
+        low = rgb.amin(dim=(0, 1), keepdim=True)
+        high = rgb.amax(dim=(0, 1), keepdim=True)
+        scaled = ((rgb - low) / (high - low).clamp_min(1e-6) * 255).to(torch.uint8)
+        img = PIL.Image.fromarray(scaled.numpy())
+        img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+    except Exception:  # a preview is a nicety; never let it fail the job
+        return None
