@@ -93,7 +93,7 @@ def provider() -> Iterator[LocalProvider]:
 @pytest.fixture(scope="module")
 def dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The dummy saved in the diffusers layout: stands in for a FLUX.2 [dev] download."""
-    from fluxport.providers.dummy import build_dummy_pipeline
+    from fluxport.providers.local.dummy import build_dummy_pipeline
 
     path = tmp_path_factory.mktemp("flux2-dev")
     pipe: Any = build_dummy_pipeline()
@@ -109,7 +109,7 @@ def save_lora(path: Path, *, random: bool) -> Path:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from fluxport.providers.dummy import build_dummy_pipeline
+    from fluxport.providers.local.dummy import build_dummy_pipeline
 
     pipe: Any = build_dummy_pipeline()
     with torch.random.fork_rng(devices=[]):

@@ -59,7 +59,7 @@ class _Pipelines:
             return pipe
         import torch
 
-        from fluxport.providers.dummy import build_dummy_pipeline, ensure_processor_shape
+        from fluxport.providers.local.dummy import build_dummy_pipeline, ensure_processor_shape
 
         if family == "dummy":
             progress(ProgressEvent(stage="loading", step=0, total=1, message="building flux.2-dummy"))
