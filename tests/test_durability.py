@@ -56,35 +56,67 @@ def test_rejected_requests_are_recorded_too(server: LiveServer, client: openai.O
     assert attempts == []
 
 
-def test_client_disconnect_loses_nothing(server: LiveServer) -> None:
-    body = {"model": DUMMY, "prompt": "slow", "n": 4, "size": "2048x2048", "response_format": "url"}
+def _hang_up(server: LiveServer, prompt: str, headers: dict[str, str] | None = None) -> None:
+    """Send a slow generation and give up on it after half a second."""
+    body = {"model": DUMMY, "prompt": prompt, "n": 4, "size": "2048x2048", "response_format": "url"}
     with httpx.Client(timeout=httpx.Timeout(0.5)) as http:
         try:
-            response = http.post(f"{server.api}/images/generations", json=body)
+            response = http.post(f"{server.api}/images/generations", json=body, headers=headers or {})
             pytest.skip(f"generation finished before the client gave up ({response.status_code})")
         except httpx.ReadTimeout:
             pass
 
-    # The request id never reached us; find the request by its prompt once it has finished.
+
+def _finished(server: LiveServer, prompt: str):  # type: ignore[no-untyped-def]
+    """The request with `prompt` (its id never reached the client) once it is over, and its images."""
+
     async def latest():  # type: ignore[no-untyped-def]
         db = await Database.open(server.settings.resolved_database_url)
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                rows = await db.find_requests(prompt="slow")
+                rows = await db.find_requests(prompt=prompt)
                 if rows and rows[0].status not in ("queued", "running"):
-                    return rows[0], await db.list_images(rows[0].id)
+                    return rows[0], await db.list_images(rows[0].id), await db.list_attempts(rows[0].id)
                 await asyncio.sleep(0.2)
             raise AssertionError("the abandoned generation never finished")
         finally:
             await db.close()
 
-    row, images = asyncio.run(latest())
+    return asyncio.run(latest())
+
+
+def test_a_client_that_hangs_up_cancels_its_generation(server: LiveServer) -> None:
+    t0 = time.monotonic()
+    _hang_up(server, "slow and abandoned")
+    row, images, attempts = _finished(server, "slow and abandoned")
+    assert row.status == "cancelled" and row.error["code"] == "client_disconnected"
+    assert row.client_disconnected is True and row.images == 0 and images == []
+    assert [a.status for a in attempts] == ["cancelled"]
+    # Stopped, not run to the end: four 2048x2048 dummy images take far longer than this.
+    assert time.monotonic() - t0 < 30
+
+
+def test_with_an_idempotency_key_a_hung_up_request_finishes_for_the_retry(server: LiveServer) -> None:
+    headers = {"Idempotency-Key": "hang-up-then-retry"}
+    _hang_up(server, "slow but collectable", headers)
+    row, images, _ = _finished(server, "slow but collectable")
     assert row.status == "succeeded" and row.images == 4
     assert row.client_disconnected is True
     assert len(images) == 4
     for image in images:
         assert (server.settings.images_dir / image.path).stat().st_size == image.bytes > 0
+    # The retry with the same key is answered from the stored response: no second generation.
+    body = {
+        "model": DUMMY,
+        "prompt": "slow but collectable",
+        "n": 4,
+        "size": "2048x2048",
+        "response_format": "url",
+    }
+    again = httpx.post(f"{server.api}/images/generations", json=body, headers=headers, timeout=60)
+    assert again.status_code == 200 and len(again.json()["data"]) == 4
+    assert {d["url"].rsplit("/", 1)[1].split(".")[0] for d in again.json()["data"]} == {i.id for i in images}
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:

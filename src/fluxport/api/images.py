@@ -25,7 +25,13 @@ from fluxport.api.protocol import (
     load_json,
     parse_image_request,
 )
-from fluxport.domain.errors import FluxportError, InvalidRequest, NotFound, PayloadTooLarge
+from fluxport.domain.errors import (
+    ClientDisconnected,
+    FluxportError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
 from fluxport.domain.job import OUTPUT_FORMATS, Operation, file_extension
 from fluxport.gateway.service import Completed, ImageService, PreparedRequest
 
@@ -170,14 +176,31 @@ async def _run(request: Request, service: ImageService, prepared: PreparedReques
         }
         return JSONResponse(body, headers=headers)
     task = await service.submit(prepared)
+    request_id = prepared.job.request_id
+    # With an Idempotency-Key the answer is kept for the client's retry: finish it whatever happens.
+    collectable = request.headers.get("idempotency-key") is not None
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():  # the client hung up first
+            if not collectable:
+                service.abandon(request_id)
+                await asyncio.gather(task, return_exceptions=True)
+                raise ClientDisconnected("The client disconnected before the answer.")
+            service.client_gone(request_id)
         done = await asyncio.shield(task)
     except asyncio.CancelledError:
-        service.client_gone(prepared.job.request_id)
+        service.client_gone(request_id)
         raise
-    if await request.is_disconnected():
-        service.client_gone(prepared.job.request_id)
+    finally:
+        watcher.cancel()
     return _respond(request, service, done)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (its body has been read: the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _respond(request: Request, service: ImageService, done: Completed) -> JSONResponse:

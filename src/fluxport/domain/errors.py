@@ -131,6 +131,14 @@ class Interrupted(FluxportError):
     code = "interrupted"
 
 
+class ClientDisconnected(FluxportError):
+    """The client hung up before the answer (and sent no Idempotency-Key to collect it later)."""
+
+    status = 499  # nginx's "client closed request": nobody receives it, the record keeps it
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
 class CoolingDown(FluxportError):
     """Every able provider's circuit breaker is open; come back when the first one reopens."""
 

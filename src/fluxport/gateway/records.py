@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from fluxport.catalog import find_model
-from fluxport.domain.errors import FluxportError, Interrupted
+from fluxport.domain.errors import ClientDisconnected, FluxportError, Interrupted
 from fluxport.domain.job import ImageJob, Operation
 from fluxport.gateway.types import Ledger, PreparedRequest
 from fluxport.metrics import Metrics
@@ -97,7 +97,10 @@ class Records:
 
     async def fail(self, job: ImageJob, exc: FluxportError, t0: float, ledger: Ledger) -> None:
         """Record a request that ran and failed (or was interrupted), with what it was billed."""
-        status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        if isinstance(exc, ClientDisconnected):
+            status = "cancelled"
+        else:
+            status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         await ledger.settle()
         await self.db.finish_request(
             job.request_id,

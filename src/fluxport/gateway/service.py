@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from fluxport.catalog import ModelSpec
-from fluxport.domain.errors import FluxportError, Interrupted, StorageUnavailable
+from fluxport.domain.errors import ClientDisconnected, FluxportError, Interrupted, StorageUnavailable
 from fluxport.domain.job import ImageJob, Operation
 from fluxport.domain.pricing import Rate, Usage
 from fluxport.domain.request import ImageParams
@@ -72,9 +72,10 @@ class ImageService:
             settings, self.router, self.planner, Attempts(db, self.metrics, self.planner)
         )
         self.deliverer = Deliverer(db, blobs, self.metrics)
-        # Running requests are owned here, not by the HTTP handler, so a client that goes away
-        # cannot cancel a generation half-way: it completes, is stored and is recorded.
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Running requests are owned here, not by the HTTP handler: a client that goes away does
+        # not cancel a generation by accident; `abandon` cancels one on purpose, recorded so.
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._abandoned: set[str] = set()
 
     # -- models and providers -------------------------------------------------------------------
 
@@ -161,8 +162,8 @@ class ImageService:
         task = asyncio.create_task(
             self._execute(prepared, progress, created), name=f"fluxport-{job.request_id}"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[job.request_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job.request_id, None))
         return task
 
     async def run(self, prepared: PreparedRequest, progress: ProgressCallback = no_progress) -> Completed:
@@ -170,13 +171,23 @@ class ImageService:
         return await asyncio.shield(task)
 
     def client_gone(self, request_id: str) -> None:
-        """The client disconnected: note it; the generation itself carries on."""
+        """The client disconnected: note it; the generation itself carries on (it can be collected
+        with its Idempotency-Key)."""
         written = self.db.mark_client_disconnected(request_id)
         written.add_done_callback(log_failed_write)
 
+    def abandon(self, request_id: str) -> None:
+        """The client disconnected and nobody can collect the answer: stop the work (the local step
+        loop stops, hosted jobs are cancelled upstream) and record the request `cancelled`."""
+        self.client_gone(request_id)
+        task = self._tasks.get(request_id)
+        if task is not None and not task.done():
+            self._abandoned.add(request_id)
+            task.cancel()
+
     async def drain(self, grace_s: float) -> None:
         """Let running requests finish (shutdown), then cancel what is left."""
-        pending = [t for t in self._tasks if not t.done()]
+        pending = [t for t in self._tasks.values() if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace_s)
             for t in still:
@@ -209,6 +220,13 @@ class ImageService:
             await self.records.fail(job, exc, t0, ledger)
             raise
         except asyncio.CancelledError:
+            if job.request_id in self._abandoned:
+                self._abandoned.discard(job.request_id)
+                gone = ClientDisconnected(
+                    "The client disconnected before the answer; the work was cancelled."
+                )
+                await asyncio.shield(self.records.fail(job, gone, t0, ledger))
+                raise
             await asyncio.shield(
                 self.records.fail(job, Interrupted("The server stopped during generation."), t0, ledger)
             )

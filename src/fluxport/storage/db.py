@@ -80,15 +80,18 @@ __all__ = [
 ]
 
 Operation = Literal["generate", "edit"]
-# "rejected": refused before it ran (validation); recorded all the same.
-RequestStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "dry_run", "interrupted"]
+# "rejected": refused before it ran (validation); recorded all the same. "cancelled": the client hung
+# up without an Idempotency-Key, so the work was stopped.
+RequestStatus = Literal[
+    "queued", "running", "succeeded", "failed", "rejected", "dry_run", "interrupted", "cancelled"
+]
 AttemptStatus = Literal["running", "succeeded", "failed", "cancelled"]
 
 OPERATIONS: Final = frozenset({"generate", "edit"})
 REQUEST_STATUSES: Final = frozenset(
-    {"queued", "running", "succeeded", "failed", "rejected", "dry_run", "interrupted"}
+    {"queued", "running", "succeeded", "failed", "rejected", "dry_run", "interrupted", "cancelled"}
 )
-_REQUEST_FINAL: Final = frozenset({"succeeded", "failed", "rejected", "dry_run", "interrupted"})
+_REQUEST_FINAL: Final = frozenset({"succeeded", "failed", "rejected", "dry_run", "interrupted", "cancelled"})
 _REQUEST_IN_FLIGHT: Final = ("queued", "running")
 ATTEMPT_STATUSES: Final = frozenset({"running", "succeeded", "failed", "cancelled"})
 _ATTEMPT_FINAL: Final = frozenset({"succeeded", "failed", "cancelled"})
