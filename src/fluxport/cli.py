@@ -120,7 +120,16 @@ def serve(
         _sdk_example(f"{base_url}/v1", settings.auth, model), markup=False, highlight=False, soft_wrap=True
     )
     _raise_open_file_limit()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: only from configured proxies here.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
+    )
 
 
 def _raise_open_file_limit() -> None:

@@ -109,8 +109,15 @@ class Settings(BaseSettings):
         default=10, ge=0, description="Playground submissions per client IP per minute; 0 means no limit."
     )
 
+    # Behind a load balancer: the addresses whose X-Forwarded-For / X-Forwarded-Proto are believed
+    # (the per-IP limits then key on the real client). Empty: nobody's, so a client cannot spoof them.
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description='Proxy IPs or networks allowed to set X-Forwarded-For, e.g. ["10.0.0.0/8"]; "*" for any.',
+    )
+
     # Pricing: "provider/model" -> US dollars per megapixel, for references and output alike; wins
-    # over catalog.PRICES. FLUXPORT_PRICES='{"local/flux.2-dev": 0.002}'.
+    # over each provider's list price. FLUXPORT_PRICES='{"local/flux.2-dev": 0.002}'.
     prices: dict[
         Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[^/\s]+/[^\s]+$")],
         Annotated[float, Field(ge=0, allow_inf_nan=False)],
