@@ -42,9 +42,11 @@ MAX_HEADER_BYTES = 64 * 1024
 class RequestContext:
     """Pure ASGI middleware: a request id on every response, and a cap on the body size."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_json_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Only multipart bodies carry images; any other (JSON) body is a prompt and parameters.
+        self.max_json_bytes = min(max_json_bytes or max_body_bytes, max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,9 +70,14 @@ class RequestContext:
             await error_response(too_big)(scope, receive, send_with_id)
             return
 
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            err = PayloadTooLarge(f"The request body is larger than {self.max_body_bytes} bytes.")
+        headers = dict(scope["headers"])
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        limit = self.max_body_bytes if multipart else self.max_json_bytes
+        what = "request body" if multipart else "request body (not multipart: no images)"
+        length = headers.get(b"content-length")
+        # Refused before a byte of the body is read.
+        if length is not None and length.isdigit() and int(length) > limit:
+            err = PayloadTooLarge(f"The {what} is larger than {limit} bytes.")
             await error_response(err)(scope, receive, send_with_id)
             return
 
@@ -81,8 +88,8 @@ class RequestContext:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise PayloadTooLarge(f"The request body is larger than {self.max_body_bytes} bytes.")
+                if received > limit:  # a chunked body: stop reading at the limit
+                    raise PayloadTooLarge(f"The {what} is larger than {limit} bytes.")
             return message
 
         await self.app(scope, limited_receive, send_with_id)
@@ -250,5 +257,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Inside RequestContext, so that 401 and 429 answers carry a request id too.
     app.add_middleware(ApiKeyAuth)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContext, max_body_bytes=settings.max_body_bytes, max_json_bytes=settings.max_json_bytes
+    )
     return app
