@@ -170,3 +170,12 @@ def test_the_loop_serves_while_a_large_body_is_parsed(server: LiveServer) -> Non
     assert {p.result().status_code for p in posts} == {400}
     assert posts[0].result().json()["error"]["param"] == "junk"
     assert slowest < 2.0, slowest
+
+
+def test_the_trailing_slash_redirect_is_relative(server: LiveServer) -> None:
+    r = httpx.get(f"{server.url}/healthz/?x=1", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 307
+    assert r.headers["location"] == "/healthz?x=1"  # no Host echoed into it
+    followed = httpx.get(f"{server.url}/healthz/", follow_redirects=True)
+    assert followed.status_code == 200 and followed.url.path == "/healthz"
+    assert httpx.get(f"{server.api}/nope/", follow_redirects=False).status_code == 404

@@ -15,9 +15,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxport import __version__, web
@@ -114,14 +115,25 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    path = request.url.path
+    if exc.status_code == 404 and path.endswith("/") and path != "/" and _routed(request, path.rstrip("/")):
+        # Relative: a client-supplied Host header never ends up in the Location.
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(path.rstrip("/") + query, status_code=307)
     err = FluxportError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
     err.status = exc.status_code
     err.type = "invalid_request_error"
     if exc.status_code == 404:
         err.message = f"No route for {request.method} {request.url.path}."
     return JSONResponse(err.body(), status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+
+def _routed(request: Request, path: str) -> bool:
+    """True when some route of the app matches `path` (for the request's method)."""
+    scope = {**request.scope, "path": path}
+    return any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -236,6 +248,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="One OpenAI-compatible API for FLUX.2 [dev] and FLUX.2 [dev] Flash.",
         lifespan=lifespan,
+        # Starlette's own slash redirect writes the Host header into an absolute Location; the
+        # 404 handler redirects with a relative one instead (_http_error).
+        redirect_slashes=False,
         **options,
     )
     app.add_exception_handler(FluxportError, _fluxport_error)
