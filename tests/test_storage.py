@@ -26,11 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from fluxport.storage.blobs import TEMP_SUFFIX, BlobStore, new_image_id
 from fluxport.storage.db import (
     INTERRUPTED_ERROR,
-    Base,
     Database,
     ImageRow,
     alembic_config,
     make_engine,
+    metadata,
 )
 
 PG_URL = os.environ.get("FLUXPORT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -191,7 +191,7 @@ async def test_migrations_match_the_models(db: Database) -> None:
 
     def diff(conn: Connection) -> list[Any]:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-        return list(compare_metadata(ctx, Base.metadata))
+        return list(compare_metadata(ctx, metadata))
 
     async with db.engine.connect() as conn:
         assert await conn.run_sync(diff) == []

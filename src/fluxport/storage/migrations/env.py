@@ -11,10 +11,11 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from fluxport.storage.db import Base, make_engine
+from fluxport.storage.engine import make_engine
+from fluxport.storage.schema import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _database_url() -> str:
