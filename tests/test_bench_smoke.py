@@ -1,4 +1,4 @@
-"""bench/load.py --quick runs end to end: the emulator, a real `fluxport serve`, both client paths.
+"""`python -m bench.load --quick` runs end to end: the emulator, a real `fluxport serve`, both client paths.
 
 No timing assertions: the speed targets live in the benchmark's own output, not in tests.
 """
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_load_benchmark_quick_runs_and_prints_its_table() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUXPORT_", "FAL_", "REPLICATE_"))}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "load.py"), "--quick"],
+        [sys.executable, "-m", "bench.load", "--quick"],
         cwd=ROOT,
         env=env | {"HF_HUB_OFFLINE": "1"},
         capture_output=True,
