@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -10,6 +12,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 __all__ = ["MIGRATIONS_DIR", "SQLITE_BUSY_TIMEOUT_MS", "alembic_config", "make_engine", "migrate"]
@@ -91,6 +94,27 @@ def _upgrade_to_head(connection: Connection) -> None:
 
 async def migrate(engine: AsyncEngine, schema: str | None) -> None:
     """Upgrade the database to the latest revision, one process at a time."""
+    if engine.dialect.name != "sqlite":
+        await _migrate_once(engine, schema)
+        return
+    # Switching a fresh SQLite file to WAL upgrades a read lock to a write lock, and SQLite answers
+    # "database is locked" at once, without waiting busy_timeout, when another process holds the
+    # write lock meanwhile (its deadlock rule): several servers starting together on a new file.
+    # The migration is idempotent; try again until the other process is done.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.05
+    while True:
+        try:
+            await _migrate_once(engine, schema)
+            return
+        except OperationalError as exc:
+            if "database is locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+async def _migrate_once(engine: AsyncEngine, schema: str | None) -> None:
     async with engine.begin() as conn:
         if engine.dialect.name == "sqlite":
             # Take the write lock before Alembic reads the version table, so that two processes
