@@ -205,6 +205,9 @@ class FluxportProcess:
             "FLUXPORT_FAL_URL": fal_url,
             "FLUXPORT_DATA_DIR": str(data_dir),
             "HF_HUB_OFFLINE": "1",
+            # Every load client shares 127.0.0.1: the per-client connection cap (100) would refuse
+            # the 500-client step, as it would any 500 connections from one address.
+            "FLUXPORT_MAX_CONNECTIONS_PER_CLIENT": "0",
         }
         self.log_path = data_dir / "fluxport.log"
         self._log = self.log_path.open("wb")

@@ -104,6 +104,19 @@ class Settings(BaseSettings):
     max_extra_field_bytes: int = Field(default=16 * 1024, ge=64)
     max_extra_field_depth: int = Field(default=4, ge=1)
 
+    # Slow and greedy clients, cut off at the connection (api/connections.py); 0 turns one off.
+    header_timeout_s: float = Field(
+        default=10.0, ge=0, description="Seconds for a request's line and headers to arrive; else 408."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, ge=0, description="Longest pause between two reads of a request body; else 408."
+    )
+    max_connections_per_client: int = Field(
+        default=100,
+        ge=0,
+        description="Open connections one client address may hold (trusted proxies exempt); else 429.",
+    )
+
     # Web pages and playground (no API key; limited per client IP instead)
     playground_rate_per_minute: int = Field(
         default=10, ge=0, description="Playground submissions per client IP per minute; 0 means no limit."

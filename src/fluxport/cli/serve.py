@@ -30,6 +30,7 @@ def serve(
     import uvicorn
 
     from fluxport.api.app import create_app
+    from fluxport.api.connections import ConnectionLimits, guarded_http_protocol
     from fluxport.providers.registry import build_providers, default_model
 
     settings = Settings()
@@ -59,8 +60,15 @@ def serve(
         _sdk_example(f"{base_url}/v1", settings.auth, model), markup=False, highlight=False, soft_wrap=True
     )
     _raise_open_file_limit()
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_per_client=settings.max_connections_per_client,
+        exempt=tuple(settings.trusted_proxies),
+    )
     uvicorn.run(
         create_app(settings),
+        http=guarded_http_protocol(limits),
         host=host,
         port=port,
         log_level=log_level,
