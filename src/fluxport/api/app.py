@@ -27,6 +27,7 @@ from fluxport.api.auth import ApiKeyAuth, KeyAuth
 from fluxport.api.idempotency import Idempotency
 from fluxport.domain.errors import FluxportError, InvalidRequest, PayloadTooLarge
 from fluxport.gateway.service import ImageService
+from fluxport.memory import release_forever
 from fluxport.metrics import Metrics
 from fluxport.providers.local import LocalProvider
 from fluxport.providers.registry import build_providers
@@ -218,6 +219,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = service
         await _keys_and_idempotency(app, settings, db)
         watcher = asyncio.create_task(app.state.auth.watch(), name="fluxport-key-watch")
+        # What large requests free goes back to the OS once the resident size has grown (memory.py).
+        releaser = asyncio.create_task(release_forever(), name="fluxport-memory-release")
         # Everything built so far lives as long as the server: keep it out of the collector's
         # scans, and collect the young generation less often (requests allocate many small
         # objects; full collections over a large heap were the long pauses under load).
@@ -227,7 +230,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in (sweeper, watcher):
+            for task in (sweeper, watcher, releaser):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluxport.domain.errors import ProviderFailure, RateLimited
+from fluxport.memory import release_freed_memory
 
 # Guesses for Retry-After before any job has finished on a device.
 FIRST_GUESS_S = {"cpu": 5.0, "cuda": 30.0}
@@ -89,23 +90,30 @@ class _DeviceWorker:
             task = self._queue.get()
             if task is None:
                 return
-            result: Any = None
-            error: BaseException | None = None
-            if task.cancel.is_set():
-                error = ProviderFailure(f"Local job {task.reason} before it started.")
-            else:
-                task.started = time.monotonic()
-                try:
-                    result = task.fn(task)
-                except _Cancelled:
-                    error = ProviderFailure(f"Local job {task.reason}.")
-                except BaseException as exc:  # delivered to the awaiting coroutine
-                    error = exc
-                with self._lock:
-                    self._durations.append(time.monotonic() - task.started)
+            self._run_one(task)
+            # This frame would otherwise keep the last task (its images) alive until the next one.
+            del task
+            # The pipeline's activations are freed now; glibc would keep them (fluxport/memory.py).
+            release_freed_memory()
+
+    def _run_one(self, task: _Task) -> None:
+        result: Any = None
+        error: BaseException | None = None
+        if task.cancel.is_set():
+            error = ProviderFailure(f"Local job {task.reason} before it started.")
+        else:
+            task.started = time.monotonic()
+            try:
+                result = task.fn(task)
+            except _Cancelled:
+                error = ProviderFailure(f"Local job {task.reason}.")
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                error = exc
             with self._lock:
-                self._pending.remove(task)
-            self._deliver(task, result, error)
+                self._durations.append(time.monotonic() - task.started)
+        with self._lock:
+            self._pending.remove(task)
+        self._deliver(task, result, error)
 
     @staticmethod
     def _deliver(task: _Task, result: Any, error: BaseException | None) -> None:
