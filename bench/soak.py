@@ -49,6 +49,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.serveproc import serve, stop  # noqa: E402
 from tests.slowclients import slow_clients  # noqa: E402
 
 MODEL = "flux.2-dummy"
@@ -64,51 +65,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_env(data_dir: Path, port: int, extra: dict[str, str]) -> dict[str, str]:
-    """The shell's environment less provider keys and FLUXPORT_* settings, plus the soak's own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(STRIPPED_PREFIXES)}
-    env |= {
-        "FLUXPORT_DATA_DIR": str(data_dir),
-        "FLUXPORT_AUTH": "none",
-        "FLUXPORT_PORT": str(port),
-        "HF_HUB_OFFLINE": "1",
-        # The playground's default is 10 submissions a minute per client; the soak sends more.
-        "FLUXPORT_PLAYGROUND_RATE_PER_MINUTE": "0",
-    }
-    return env | extra
-
-
-def start_server(
-    data_dir: Path, port: int, log: Path, extra_env: dict[str, str], argv: Sequence[str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start `fluxport serve` (or `argv`) and return once /healthz answers."""
-    cmd = list(argv or [sys.executable, "-m", "fluxport.cli", "serve", "--log-level", "warning"])
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd, env=server_env(data_dir, port, extra_env), stdout=out, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"the server did not start: {log.read_text(errors='replace')[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def start_server(data_dir: Path, port: int, log: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`fluxport serve` without the shell's provider keys and FLUXPORT_* settings, plus the soak's own."""
+    # The playground's default is 10 submissions a minute per client; the soak sends more.
+    env = {"FLUXPORT_PLAYGROUND_RATE_PER_MINUTE": "0"} | extra_env
+    return serve(data_dir, port, log, strip_prefixes=STRIPPED_PREFIXES, **env)
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -461,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
             raise
         finally:
-            stop_server(proc)
+            stop(proc)
     env_note = f" with {' '.join(args.env)}" if args.env else ""
     print_table(
         start_rss, sampler.phases, f"fluxport serve RSS{env_note} ({time.monotonic() - began:.0f} s in all)"

@@ -15,9 +15,17 @@ __all__ = ["rss_bytes", "serve", "stop"]
 _PROVIDER_KEYS = ("FAL_KEY", "FLUXPORT_FAL_KEY", "REPLICATE_API_TOKEN", "FLUXPORT_REPLICATE_API_TOKEN")
 
 
-def serve(data_dir: Path, port: int, log: Path, **env_overrides: str) -> subprocess.Popen[bytes]:
-    """Start `fluxport serve` (auth none) on `port` with `data_dir`; returns once /healthz answers."""
-    env = {k: v for k, v in os.environ.items() if k not in _PROVIDER_KEYS}
+def serve(
+    data_dir: Path, port: int, log: Path, *, strip_prefixes: tuple[str, ...] = (), **env_overrides: str
+) -> subprocess.Popen[bytes]:
+    """Start `fluxport serve` (auth none) on `port` with `data_dir`; returns once /healthz answers.
+
+    `strip_prefixes` also drops inherited variables that start with them (e.g. "FLUXPORT_")."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _PROVIDER_KEYS and not (strip_prefixes and k.startswith(strip_prefixes))
+    }
     env |= {"FLUXPORT_DATA_DIR": str(data_dir), "FLUXPORT_AUTH": "none", "HF_HUB_OFFLINE": "1"}
     env |= env_overrides
     with log.open("ab") as out:
