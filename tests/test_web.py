@@ -20,6 +20,7 @@ import pytest
 
 from fluxport.domain.errors import RateLimited
 from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
+from fluxport.live import LocalWindows
 from fluxport.providers.fal import FalProvider
 from fluxport.providers.replicate import ReplicateProvider
 from fluxport.settings import Settings
@@ -249,22 +250,28 @@ def test_playground_rate_limit_answers_429_with_retry_after(limited: LiveServer)
     assert page.status_code == 429 and "Playground rate limit reached" in page.text
 
 
-def test_rate_limiter_window_and_off_switch() -> None:
-    limiter = RateLimiter(2)
-    limiter.hit("a", now=0)
-    limiter.hit("a", now=1)
-    limiter.hit("b", now=1)
+async def test_rate_limiter_window_and_off_switch() -> None:
+    now = [0.0]
+    windows = LocalWindows(clock=lambda: now[0])
+    limiter = RateLimiter(2, windows)
+    await limiter.hit("a")
+    now[0] = 1
+    await limiter.hit("a")
+    await limiter.hit("b")
+    now[0] = 30
     with pytest.raises(RateLimited) as err:
-        limiter.hit("a", now=30)
+        await limiter.hit("a")
     assert err.value.headers["retry-after"] == "30"
-    limiter.hit("a", now=60.5)  # the first hit has left the window
-    unlimited = RateLimiter(0)
-    for i in range(100):
-        unlimited.hit("a", now=i / 100)
-    small = RateLimiter(1, max_clients=2)
+    now[0] = 60.5
+    await limiter.hit("a")  # the first hit has left the window
+    unlimited = RateLimiter(0, windows)
+    for _ in range(100):
+        await unlimited.hit("a")
+    small_windows = LocalWindows(max_keys=2, clock=lambda: 0.0)
+    small = RateLimiter(1, small_windows)
     for client in "abc":
-        small.hit(client, now=0)
-    assert len(small._hits) == 2
+        await small.hit(client)
+    assert len(small_windows._hits) == 2
 
 
 def test_static_assets_are_served(web: LiveServer) -> None:

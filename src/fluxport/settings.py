@@ -26,6 +26,18 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     database_url: str | None = None
 
+    # Live state shared by replicas (rate limits, circuit breakers); unset: in this process's memory.
+    redis_url: str | None = Field(
+        default=None,
+        description="redis:// URL shared by every replica (pip install 'fluxport[redis]'); "
+        "unset: limits and breakers are per process.",
+    )
+    redis_prefix: str = Field(
+        default="fluxport:",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Prefix of every Redis key: one Redis can serve several separate gateways.",
+    )
+
     # Local diffusers provider
     local_weights: Path | None = Field(default=None, description="Directory of FLUX.2 [dev] weights.")
     local_flash_lora: Path | None = Field(
@@ -137,6 +149,11 @@ class Settings(BaseSettings):
     ] = Field(default_factory=dict, description="Per-megapixel prices by provider/model.")
 
     @property
+    def shared_database(self) -> bool:
+        """Whether replicas on several processes can share the database (not SQLite)."""
+        return not self.resolved_database_url.startswith("sqlite")
+
+    @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -145,3 +162,11 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs and banners: its password (anything before '@') hidden."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

@@ -25,8 +25,10 @@ from fluxport import __version__, web
 from fluxport.api import images, metrics, models, usage
 from fluxport.api.auth import ApiKeyAuth, KeyAuth
 from fluxport.api.idempotency import Idempotency
+from fluxport.catalog import MODELS
 from fluxport.domain.errors import FluxportError, InvalidRequest, PayloadTooLarge
 from fluxport.gateway.service import ImageService
+from fluxport.live import LiveState
 from fluxport.memory import release_forever
 from fluxport.metrics import Metrics
 from fluxport.providers.local import LocalProvider
@@ -147,7 +149,7 @@ async def _keys_and_idempotency(app: FastAPI, settings: Settings, db: Database) 
     """Key checks and Idempotency-Key answers; on first start with auth on, mint and show a key."""
     from fluxport.keys import create_key
 
-    app.state.auth = KeyAuth(settings, db)
+    app.state.auth = KeyAuth(settings, db, app.state.live.windows)
     # An in-progress Idempotency-Key older than this belongs to a process that died: it gives way.
     app.state.idempotency = Idempotency(db, settings.idempotency_ttl_s, settings.request_deadline_s + 60)
     await db.purge_idempotency()
@@ -212,6 +214,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = ImageService(settings, db, blobs, providers, metrics=app.state.metrics)
         for (provider_name, model), outcomes in (await db.recent_outcomes()).items():
             service.router.seed(provider_name, model, outcomes)
+        # Rate limits and the hosted providers' breakers: this process's, or shared through Redis.
+        live = app.state.live = LiveState.from_settings(settings)
+        hosted = {(name, spec.id) for spec in MODELS.values() for name in spec.providers if name in providers}
+        await live.start(service.router, sorted(hosted))
         local = providers.get("local")
         if isinstance(local, LocalProvider):
             app.state.metrics.track_queue("local", local.queue_depths)
@@ -235,6 +241,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await service.drain(grace_s=30)
+            await live.aclose()
             for provider in providers.values():
                 await provider.aclose()
             await asyncio.to_thread(blobs.close)
@@ -270,8 +277,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
 
     @app.get("/healthz", tags=["service"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    async def healthz(request: Request) -> dict[str, str]:
+        """Up (200) while it serves; `degraded` when Redis is gone and limits are per process."""
+        live: LiveState | None = getattr(request.app.state, "live", None)
+        state = live.status() if live is not None else {}
+        degraded = live is not None and live.link is not None and not live.link.up
+        return {"status": "degraded" if degraded else "ok", "version": __version__, **state}
 
     # Inside RequestContext, so that 401 and 429 answers carry a request id too.
     app.add_middleware(ApiKeyAuth)

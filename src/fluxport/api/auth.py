@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -19,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fluxport.domain.errors import BudgetExceeded, FluxportError, InvalidApiKey, RateLimited
 from fluxport.keys import hash_key, month_start, shown_prefix
+from fluxport.live import LocalWindows, Windows
 from fluxport.settings import Settings
 from fluxport.storage.db import ApiKeyRow, Database
 
@@ -41,13 +40,13 @@ class KeyAuth:
     """Key lookups (cached until the keys table changes), the per-key sliding-window rate
     limiter and the budget check.
 
-    The rate limiter is in memory, per process: N server processes allow up to N times the limit.
+    The rate windows are this process's own, or with Redis shared by every replica (live/).
     """
 
     settings: Settings
     db: Database
+    windows: Windows = field(default_factory=LocalWindows)
     _cache: dict[str, ApiKeyRow | None] = field(default_factory=dict)
-    _windows: dict[str, deque[float]] = field(default_factory=dict)
     _version: tuple[object, ...] | None = None
 
     async def lookup(self, secret: str) -> ApiKeyRow | None:
@@ -95,23 +94,18 @@ class KeyAuth:
             raise InvalidApiKey(f"API key {shown_prefix(row)} was revoked.")
         return row
 
-    def check_rate(self, key: ApiKeyRow) -> None:
+    async def check_rate(self, key: ApiKeyRow) -> None:
         """Count one request against the key's per-minute limit; raises RateLimited when over it."""
         limit = key.rate_limit_per_minute
         if not limit:
             return
-        now = time.monotonic()
-        window = self._windows.setdefault(key.id, deque())
-        while window and window[0] <= now - RATE_WINDOW_S:
-            window.popleft()
-        if len(window) >= limit:
-            retry_after = window[0] + RATE_WINDOW_S - now
+        retry_after = await self.windows.hit("key", key.id, limit, RATE_WINDOW_S)
+        if retry_after is not None:
             raise RateLimited(
                 f"Rate limit reached for API key {shown_prefix(key)}: {limit} requests per minute. "
                 f"Try again in {max(1, round(retry_after))} s.",
                 retry_after=retry_after,
             )
-        window.append(now)
 
     async def check_budget(self, key: ApiKeyRow | None) -> None:
         """Refuse a paid request once the key's spend this UTC month has reached its budget."""
@@ -152,7 +146,7 @@ class ApiKeyAuth:
             raw = headers.get(b"authorization")
             key = await auth.authenticate(raw.decode("latin-1") if raw is not None else None)
             if key is not None:
-                auth.check_rate(key)
+                await auth.check_rate(key)
         except FluxportError as exc:
             response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
             await response(scope, receive, send)

@@ -15,7 +15,7 @@ from rich.table import Table
 from fluxport.catalog import MODELS, NOISE_NOTE, ModelSpec, find_model
 from fluxport.cli.app import _Command, app, console
 from fluxport.providers.base import Provider, ProviderState
-from fluxport.settings import Settings
+from fluxport.settings import Settings, redact_url
 
 
 @app.command(cls=_Command)
@@ -41,7 +41,7 @@ def serve(
     _show_models(providers, model)
     console.print(f"Default model: [bold]{model}[/] ({escape(_why_default(settings, providers, model))})")
     console.print(
-        f"Data: {settings.data_dir.resolve()}  Database: {_safe_url(settings.resolved_database_url)}"
+        f"Data: {settings.data_dir.resolve()}  Database: {redact_url(settings.resolved_database_url)}"
     )
     base_url = f"http://{_client_host(host)}:{port}"
     console.print(f"API: [bold]{base_url}/v1[/]   docs: {base_url}/docs")
@@ -91,13 +91,6 @@ def _raise_open_file_limit() -> None:
     if soft != resource.RLIM_INFINITY and soft < want:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def _safe_url(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def _client_host(host: str) -> str:

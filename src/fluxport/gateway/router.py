@@ -3,6 +3,13 @@
 The router keeps a short in-memory window of recent attempts per (provider, model) — seeded from
 the database at start-up — because ranking must be cheap on every request; the 30-day rankings
 shown to people come from the database (gateway/stats.py).
+
+With several replicas, each keeps its own latency window on purpose: behind a load balancer every
+replica sees a random share of the same traffic, so its window of the last few hundred attempts
+estimates the same p50 and success rate as a shared one would, without a network round trip on
+every ranking; and the local provider is a different GPU on every replica, which a shared window
+would blend. What must agree is rare and discrete, a provider being down: the breakers of the
+hosted providers are shared through Redis (live/breakers.py), through `listener` and `apply_shared`.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from fluxport.settings import Settings
 
@@ -72,6 +80,14 @@ class Health:
         return values[max(0, math.ceil(q * len(values)) - 1)]
 
 
+class BreakerListener(Protocol):
+    """Told of every recorded outcome, and of a breaker that opened (for `cooldown_s`) or closed."""
+
+    def outcome(
+        self, provider: str, model: str, *, ok: bool, opened_s: float | None, closed: bool
+    ) -> None: ...
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One provider as the router sees it for this request."""
@@ -91,6 +107,7 @@ class Router:
         self.settings = settings
         self.clock = clock
         self._health: dict[tuple[str, str], Health] = {}
+        self.listener: BreakerListener | None = None
 
     def health(self, provider: str, model: str) -> Health:
         return self._health.setdefault((provider, model), Health())
@@ -101,16 +118,47 @@ class Router:
         """An attempt finished (cancelled hedge losers are not recorded: they say nothing)."""
         h = self.health(provider, model)
         h.add([(ok, seconds)])
+        was_closed = h.state is BreakerState.CLOSED
+        opened: float | None = None
         if ok:
             h.consecutive_failures = 0
             h.state, h.probing, h.cooldown_s = BreakerState.CLOSED, False, 0.0
+        else:
+            h.consecutive_failures += 1
+            if h.state is BreakerState.HALF_OPEN:
+                # The probe failed: stay out twice as long (capped at ten minutes).
+                opened = min(max(h.cooldown_s, self.settings.breaker_cooldown_s) * 2, 600.0)
+            elif h.consecutive_failures >= self.settings.breaker_failures:
+                opened = self.settings.breaker_cooldown_s
+            if opened is not None:
+                self._open(h, opened)
+        if self.listener is not None:
+            self.listener.outcome(provider, model, ok=ok, opened_s=opened, closed=ok and not was_closed)
+
+    def trip(self, provider: str, model: str) -> float:
+        """Open the breaker now (failures counted by all replicas reached the limit); its cool-down."""
+        h = self.health(provider, model)
+        self._open(h, self.settings.breaker_cooldown_s)
+        return h.cooldown_s
+
+    def apply_shared(self, provider: str, model: str, *, open_s: float | None, cooldown_s: float) -> None:
+        """What the replicas share says this breaker is open for `open_s` more seconds (out of a
+        `cooldown_s` cool-down), tripped but cooled down (open_s 0: half-open) or, with `cooldown_s`
+        0, closed."""
+        h = self.health(provider, model)
+        now = self.clock()
+        if cooldown_s <= 0:
+            if h.state is not BreakerState.CLOSED:
+                h.state, h.probing, h.cooldown_s, h.consecutive_failures = BreakerState.CLOSED, False, 0.0, 0
             return
-        h.consecutive_failures += 1
-        if h.state is BreakerState.HALF_OPEN:
-            # The probe failed: stay out twice as long (capped at ten minutes).
-            self._open(h, min(max(h.cooldown_s, self.settings.breaker_cooldown_s) * 2, 600.0))
-        elif h.consecutive_failures >= self.settings.breaker_failures:
-            self._open(h, self.settings.breaker_cooldown_s)
+        if open_s is not None and open_s > 0:
+            ends = now + open_s
+            if h.state is not BreakerState.OPEN or h.opened_at + h.cooldown_s < ends - 0.05:
+                h.state, h.opened_at, h.cooldown_s = BreakerState.OPEN, ends - cooldown_s, cooldown_s
+                h.probing = False
+        elif h.state is BreakerState.CLOSED:
+            # Tripped elsewhere and cooled down, not yet proven back: this replica probes too.
+            h.state, h.cooldown_s, h.probing = BreakerState.HALF_OPEN, cooldown_s, False
 
     def seed(self, provider: str, model: str, outcomes: Sequence[tuple[bool, float]]) -> None:
         """Warm the window from recorded attempts (oldest first) without touching the breaker."""

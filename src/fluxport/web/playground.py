@@ -75,7 +75,7 @@ async def playground_form(request: Request) -> HTMLResponse:
     service = image_service(request)
     values: dict[str, Any] = {}
     try:
-        _limiter(request).hit(client_key(request))
+        await _limiter(request).hit(client_key(request))
         values, uploads = await _read_form(request, service)
         job = await _start(request, service, values, uploads)
         await job.done.wait()
@@ -96,7 +96,7 @@ def _limiter(request: Request) -> RateLimiter:
     limiter: RateLimiter | None = getattr(state, "playground_limiter", None)
     if limiter is None:
         limiter = state.playground_limiter = RateLimiter(
-            image_service(request).settings.playground_rate_per_minute
+            image_service(request).settings.playground_rate_per_minute, state.live.windows
         )
     return limiter
 
@@ -238,7 +238,7 @@ def _result(
 async def create_job(request: Request) -> JSONResponse:
     """Start a playground job (multipart form); answers its id and where to follow it."""
     service = image_service(request)
-    _limiter(request).hit(client_key(request))
+    await _limiter(request).hit(client_key(request))
     values, uploads = await _read_form(request, service)
     job = await _start(request, service, values, uploads)
     return JSONResponse(

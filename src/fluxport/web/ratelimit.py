@@ -3,41 +3,34 @@
 from __future__ import annotations
 
 import math
-import time
-from collections import OrderedDict, deque
 
 from fastapi import Request
 
 from fluxport.domain.errors import RateLimited
+from fluxport.live import LocalWindows, Windows
+
+WINDOW_S = 60.0
 
 
 class RateLimiter:
-    """A sliding one-minute window of submissions per client, bounded in clients remembered."""
+    """Submissions per client per minute, in the windows every replica shares (or this process's)."""
 
-    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
+    def __init__(self, per_minute: int, windows: Windows | None = None) -> None:
         self.per_minute = per_minute
-        self.max_clients = max_clients
-        self._hits: OrderedDict[str, deque[float]] = OrderedDict()
+        self.windows = windows or LocalWindows()
 
-    def hit(self, client: str, now: float | None = None) -> None:
+    async def hit(self, client: str) -> None:
         """Count one submission, or raise RateLimited (429, Retry-After) when over the limit."""
         if self.per_minute <= 0:
             return
-        now = time.monotonic() if now is None else now
-        hits = self._hits.pop(client, None) or deque()
-        while hits and hits[0] <= now - 60:
-            hits.popleft()
-        self._hits[client] = hits
-        while len(self._hits) > self.max_clients:
-            self._hits.popitem(last=False)
-        if len(hits) >= self.per_minute:
-            retry = max(1, math.ceil(hits[0] + 60 - now))
+        wait = await self.windows.hit("playground", client, self.per_minute, WINDOW_S)
+        if wait is not None:
+            retry = max(1, math.ceil(wait))
             raise RateLimited(
                 f"Playground rate limit reached: {self.per_minute} generations per minute per client. "
                 f"Try again in {retry} s, or use the API with a key.",
                 retry_after=retry,
             )
-        hits.append(now)
 
 
 def client_key(request: Request) -> str:
