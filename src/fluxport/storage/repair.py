@@ -71,11 +71,18 @@ def _unlink(paths: list[Path]) -> int:
     return removed
 
 
-async def repair_on_start(db: Database, blobs: BlobStore, *, ttl_s: int) -> RepairReport:
-    """Make the database and the blob store consistent again; run before serving, one server per
-    database and blob store. Logs what it repaired."""
+def _in_flight_cutoff(in_flight_s: float | None) -> datetime | None:
+    return None if in_flight_s is None else datetime.now(UTC) - timedelta(seconds=in_flight_s)
+
+
+async def repair_on_start(
+    db: Database, blobs: BlobStore, *, ttl_s: int, in_flight_s: float | None = None
+) -> RepairReport:
+    """Make the database and the blob store consistent again; run before serving. Logs what it
+    repaired. `in_flight_s`: where replicas share the database, how long a live request can be in
+    flight (only older ones are interrupted); None: this is the only server on it."""
     report = RepairReport()
-    report.interrupted = await db.mark_interrupted()
+    report.interrupted = await db.mark_interrupted(_in_flight_cutoff(in_flight_s))
     cutoff = report.cutoff = expiry_cutoff(ttl_s)
     files, temps = await asyncio.to_thread(_scan, blobs.root)
     report.temp_files = await asyncio.to_thread(_unlink, temps)
@@ -136,12 +143,24 @@ async def sweep_expired(
 
 
 async def sweep_forever(
-    db: Database, blobs: BlobStore, *, ttl_s: int, interval_s: float, since: datetime
+    db: Database,
+    blobs: BlobStore,
+    *,
+    ttl_s: int,
+    interval_s: float,
+    since: datetime,
+    in_flight_s: float | None = None,
 ) -> None:
-    """The periodic sweep (a lifespan task); `since`: the start-up repair's cutoff."""
+    """The periodic sweep (a lifespan task); `since`: the start-up repair's cutoff. With replicas
+    sharing the database (`in_flight_s` set), it also interrupts the requests a replica that died
+    left in flight, once they are older than any live request can be."""
     while True:
         await asyncio.sleep(interval_s)
         try:
+            if in_flight_s is not None and (
+                stale := await db.mark_interrupted(_in_flight_cutoff(in_flight_s))
+            ):
+                log.warning("sweep: %d requests left in flight by a replica that is gone: interrupted", stale)
             _, since = await sweep_expired(db, blobs, ttl_s=ttl_s, since=since)
         except Exception:  # a failed sweep is retried next time; it must not end the task
             log.exception("sweep: failed; retrying in %g s", interval_s)

@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime
 from typing import Any, Final, cast
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, insert, select, update
 from sqlalchemy.engine import CursorResult
 
 from fluxport.storage.records import (
@@ -244,24 +244,29 @@ class RequestRepository(Repository):
 
     # Crash repair
 
-    async def mark_interrupted(self) -> int:
-        """At start-up: requests left queued/running become interrupted, running attempts failed.
+    async def mark_interrupted(self, started_before: datetime | None = None) -> int:
+        """Requests left queued/running become interrupted, their running attempts failed.
 
-        Returns how many requests were interrupted. Assumes one server per database: a second
-        server starting would interrupt the first one's requests in flight.
+        At start-up of the only server on a database, everything in flight belonged to a process
+        that is gone. Where replicas share the database, another replica's requests are in flight
+        meanwhile: `started_before` then limits this to requests older than any live one can be
+        (the request deadline), which a crashed replica's requests soon are.
+        Returns how many requests were interrupted.
         """
+        attempt_filter: ColumnElement[bool] = attempts.c.status == "running"
+        request_filter: ColumnElement[bool] = requests.c.status.in_(REQUEST_IN_FLIGHT)
+        if started_before is not None:
+            attempt_filter = attempt_filter & (attempts.c.started_at < started_before)
+            request_filter = request_filter & (requests.c.created_at < started_before)
         async with self._write() as session:
-            # Any attempt still running belongs to a process that is gone.
             await session.execute(
-                update(attempts)
-                .where(attempts.c.status == "running")
-                .values(status="failed", error=INTERRUPTED_ERROR)
+                update(attempts).where(attempt_filter).values(status="failed", error=INTERRUPTED_ERROR)
             )
             result = cast(
                 CursorResult[Any],
                 await session.execute(
                     update(requests)
-                    .where(requests.c.status.in_(REQUEST_IN_FLIGHT))
+                    .where(request_filter)
                     .values(status="interrupted", error=INTERRUPTED_ERROR)
                 ),
             )
