@@ -16,11 +16,18 @@ _PROVIDER_KEYS = ("FAL_KEY", "FLUXPORT_FAL_KEY", "REPLICATE_API_TOKEN", "FLUXPOR
 
 
 def serve(
-    data_dir: Path, port: int, log: Path, *, strip_prefixes: tuple[str, ...] = (), **env_overrides: str
+    data_dir: Path,
+    port: int,
+    log: Path,
+    *,
+    strip_prefixes: tuple[str, ...] = (),
+    args: tuple[str, ...] = (),
+    **env_overrides: str,
 ) -> subprocess.Popen[bytes]:
     """Start `fluxport serve` (auth none) on `port` with `data_dir`; returns once /healthz answers.
 
-    `strip_prefixes` also drops inherited variables that start with them (e.g. "FLUXPORT_")."""
+    `strip_prefixes` also drops inherited variables that start with them (e.g. "FLUXPORT_");
+    `args` are more options for `fluxport serve` (e.g. "--workers", "2")."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -30,7 +37,17 @@ def serve(
     env |= env_overrides
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fluxport.cli", "serve", "--port", str(port), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "fluxport.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                *args,
+            ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -147,8 +147,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def _keys_and_idempotency(app: FastAPI, settings: Settings, db: Database) -> None:
     """Key checks and Idempotency-Key answers; on first start with auth on, mint and show a key."""
-    from fluxport.keys import create_key
-
     app.state.auth = KeyAuth(settings, db, app.state.live.windows)
     # An in-progress Idempotency-Key older than this belongs to a process that died: it gives way.
     app.state.idempotency = Idempotency(db, settings.idempotency_ttl_s, settings.request_deadline_s + 60)
@@ -164,19 +162,27 @@ async def _keys_and_idempotency(app: FastAPI, settings: Settings, db: Database) 
             flush=True,
         )
         return
-    if await db.count_api_keys() == 0:
-        row, secret = await create_key(db, name="default")
-        log.warning("no API keys existed: created key %s (%s), printed once to stderr", row.id, row.name)
-        print(
-            _banner(
-                'fluxport created its first API key, "default". It is shown ONCE; store it now:\n\n'
-                f"    {secret}\n\n"
-                "Use it as the OpenAI SDK's api_key (Authorization: Bearer <key>).\n"
-                "More keys: fluxport keys create | list | revoke"
-            ),
-            file=sys.stderr,
-            flush=True,
-        )
+    await ensure_first_key(settings, db)
+
+
+async def ensure_first_key(settings: Settings, db: Database) -> None:
+    """With auth on and no key at all, create one and print it once (to stderr)."""
+    from fluxport.keys import create_key
+
+    if settings.auth == "none" or await db.count_api_keys() > 0:
+        return
+    row, secret = await create_key(db, name="default")
+    log.warning("no API keys existed: created key %s (%s), printed once to stderr", row.id, row.name)
+    print(
+        _banner(
+            'fluxport created its first API key, "default". It is shown ONCE; store it now:\n\n'
+            f"    {secret}\n\n"
+            "Use it as the OpenAI SDK's api_key (Authorization: Bearer <key>).\n"
+            "More keys: fluxport keys create | list | revoke"
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _banner(text: str) -> str:
@@ -199,7 +205,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         blobs = BlobStore(settings.images_dir, fsync=settings.image_fsync)
         await asyncio.to_thread(blobs.prepare)
         # Crash repair before serving; then the expiry sweep of image files (storage/repair.py).
-        repaired = await repair_on_start(db, blobs, ttl_s=settings.image_ttl_s)
+        # Replicas sharing the database: only requests older than any live one are interrupted.
+        in_flight_s = settings.request_deadline_s + 60 if settings.shared_database else None
+        repaired = await repair_on_start(db, blobs, ttl_s=settings.image_ttl_s, in_flight_s=in_flight_s)
         sweeper = asyncio.create_task(
             sweep_forever(
                 db,
@@ -207,6 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ttl_s=settings.image_ttl_s,
                 interval_s=sweep_interval(settings),
                 since=repaired.cutoff,
+                in_flight_s=in_flight_s,
             ),
             name="fluxport-expiry-sweep",
         )

@@ -30,6 +30,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from fluxport.settings import Settings
+
 __all__ = ["ConnectionLimits", "guarded_http_protocol"]
 
 logger = logging.getLogger("fluxport.connections")
@@ -201,3 +203,27 @@ def guarded_http_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
                 self.transport.close()
 
     return GuardedHttpToolsProtocol
+
+
+def limits_from_settings(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_per_client=settings.max_connections_per_client,
+        exempt=tuple(settings.trusted_proxies),
+    )
+
+
+_from_settings: type[asyncio.Protocol] | None = None
+
+
+def __getattr__(name: str) -> type[asyncio.Protocol]:
+    """`SettingsGuardedProtocol`: the guarded protocol with the limits of this process's settings,
+    as an import string (`fluxport.api.connections:SettingsGuardedProtocol`) for uvicorn's worker
+    processes, which are started afresh and cannot be handed a class built in the parent."""
+    global _from_settings
+    if name != "SettingsGuardedProtocol":
+        raise AttributeError(name)
+    if _from_settings is None:
+        _from_settings = guarded_http_protocol(limits_from_settings(Settings()))
+    return _from_settings

@@ -23,7 +23,12 @@ app.add_typer(keys_app, name="keys")
 def keys_create(
     name: Annotated[str, typer.Option(help="A label for the key.")] = "default",
     rate_limit: Annotated[
-        int | None, typer.Option("--rate-limit", min=1, help="Requests per minute (per server process).")
+        int | None,
+        typer.Option(
+            "--rate-limit",
+            min=1,
+            help="Requests per minute (all replicas together with FLUXPORT_REDIS_URL; else per process).",
+        ),
     ] = None,
     budget: Annotated[
         float | None, typer.Option("--budget", min=0, help="Monthly spend budget in US dollars (UTC months).")

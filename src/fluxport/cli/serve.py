@@ -3,10 +3,11 @@ a ready-to-paste SDK call) and uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -25,15 +26,25 @@ def serve(
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default FLUXPORT_PORT or 8000).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server processes on this port (more CPU for hosted traffic). Above 1 they must "
+            "share state: needs FLUXPORT_REDIS_URL and a FLUXPORT_DATABASE_URL that is not SQLite.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the OpenAI-compatible API and /docs (embedded default: SQLite and files in FLUXPORT_DATA_DIR)."""
     import uvicorn
 
     from fluxport.api.app import create_app
-    from fluxport.api.connections import ConnectionLimits, guarded_http_protocol
+    from fluxport.api.connections import guarded_http_protocol, limits_from_settings
     from fluxport.providers.registry import build_providers, default_model
 
     settings = Settings()
+    if workers > 1:
+        _check_workers(settings, workers)
     host = host or settings.host
     port = port or settings.port
     providers = build_providers(settings)
@@ -43,6 +54,18 @@ def serve(
     console.print(
         f"Data: {settings.data_dir.resolve()}  Database: {redact_url(settings.resolved_database_url)}"
     )
+    if settings.redis_url:
+        console.print(
+            f"Live state: Redis at {redact_url(settings.redis_url)}: rate limits and hosted providers' "
+            "breakers are shared by every replica (per process while Redis is unreachable)."
+        )
+    else:
+        console.print(
+            "Live state: in this process's memory (rate limits, breakers); set FLUXPORT_REDIS_URL "
+            "to share them across replicas."
+        )
+    if workers > 1:
+        console.print(f"Workers: {workers} processes on port {port}.")
     base_url = f"http://{_client_host(host)}:{port}"
     console.print(f"API: [bold]{base_url}/v1[/]   docs: {base_url}/docs")
     if settings.auth == "none":
@@ -60,15 +83,23 @@ def serve(
         _sdk_example(f"{base_url}/v1", settings.auth, model), markup=False, highlight=False, soft_wrap=True
     )
     _raise_open_file_limit()
-    limits = ConnectionLimits(
-        header_timeout_s=settings.header_timeout_s,
-        body_timeout_s=settings.body_timeout_s,
-        max_per_client=settings.max_connections_per_client,
-        exempt=tuple(settings.trusted_proxies),
-    )
+    options: dict[str, Any] = {}
+    if workers > 1:
+        # Each worker is a fresh process that builds its own app and protocol from the environment.
+        # Migrations and the first API key happen here, once, before any worker starts.
+        asyncio.run(_prepare_database(settings))
+        app_arg: Any = "fluxport.api.app:create_app"
+        options |= {
+            "factory": True,
+            "workers": workers,
+            "http": "fluxport.api.connections:SettingsGuardedProtocol",
+        }
+    else:
+        app_arg = create_app(settings)
+        options["http"] = guarded_http_protocol(limits_from_settings(settings))
     uvicorn.run(
-        create_app(settings),
-        http=guarded_http_protocol(limits),
+        app_arg,
+        **options,
         host=host,
         port=port,
         log_level=log_level,
@@ -77,6 +108,34 @@ def serve(
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=settings.trusted_proxies or None,
     )
+
+
+def _check_workers(settings: Settings, workers: int) -> None:
+    """Several workers are several replicas: refuse them where their state would not be shared."""
+    missing = []
+    if not settings.redis_url:
+        missing.append("FLUXPORT_REDIS_URL (rate limits and breakers would be per worker: N times the limit)")
+    if not settings.shared_database:
+        missing.append("a FLUXPORT_DATABASE_URL that is not SQLite (postgresql+asyncpg://...)")
+    if missing:
+        console.print(
+            f"[bold red]--workers {workers} needs state shared by every worker:[/] set "
+            + "; and ".join(missing)
+            + ". See the README, 'Running more than one replica'. Without them, use --workers 1."
+        )
+        raise typer.Exit(2)
+
+
+async def _prepare_database(settings: Settings) -> None:
+    """Migrate, and mint the first key (printed once), before the workers start all at once."""
+    from fluxport.api.app import ensure_first_key
+    from fluxport.storage.db import Database
+
+    db = await Database.open(settings.resolved_database_url)
+    try:
+        await ensure_first_key(settings, db)
+    finally:
+        await db.close()
 
 
 def _raise_open_file_limit() -> None:
