@@ -336,3 +336,14 @@ def test_two_workers_on_one_port_share_one_limit(fleet: Fleet, tmp_path: Path) -
         assert codes.count(200) == 4 and codes.count(429) == 12
     finally:
         stop(proc)
+
+
+def test_the_playground_limit_per_ip_holds_across_replicas(fleet: Fleet) -> None:
+    # Each submission counts before its form is read: empty forms (400) count, cheaply.
+    codes = [
+        httpx.post(f"{base}/playground/api/jobs", files={"prompt": (None, "")}).status_code
+        for base in [fleet.a, fleet.b] * 7
+    ]
+    limit = 10  # FLUXPORT_PLAYGROUND_RATE_PER_MINUTE's default
+    assert all(code != 429 for code in codes[:limit])
+    assert codes[limit:] == [429] * (len(codes) - limit)
