@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from fluxport.settings import Settings
-from fluxport.storage.blobs import BlobStore
+from fluxport.storage.blobs import LocalBlobStore
 from fluxport.storage.db import Database, ImageRow
 from fluxport.storage.repair import repair_on_start, sweep_expired
 from tests.conftest import start_server
@@ -58,7 +58,7 @@ def test_links_expire_and_the_sweep_deletes_the_files(tmp_path: Path) -> None:
 
 async def test_sweep_deletes_only_what_expired_since_the_last_sweep(tmp_path: Path) -> None:
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
-    blobs = BlobStore(tmp_path / "images")
+    blobs = LocalBlobStore(tmp_path / "images")
     try:
         await db.create_request(id="r1", model="m", operation="generate", prompt="p", params={}, n=2)
         now = datetime.now(UTC)
@@ -84,7 +84,7 @@ async def _seed_inconsistent(data_dir: Path) -> dict[str, str]:
     settings = Settings(data_dir=data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
     db = await Database.open(settings.resolved_database_url)
-    blobs = BlobStore(settings.images_dir)
+    blobs = LocalBlobStore(settings.images_dir)
     try:
         await db.create_request(
             id="req_run",
@@ -154,7 +154,7 @@ async def test_repair_on_start_fixes_every_inconsistency(
     paths = await _seed_inconsistent(tmp_path)
     settings = Settings(data_dir=tmp_path)
     db = await Database.open(settings.resolved_database_url)
-    blobs = BlobStore(settings.images_dir)
+    blobs = LocalBlobStore(settings.images_dir)
     try:
         with caplog.at_level(logging.INFO, logger="fluxport.repair"):
             report = await repair_on_start(db, blobs, ttl_s=24 * 3600)
@@ -189,7 +189,7 @@ def test_a_server_started_on_a_damaged_data_dir_repairs_it_before_serving(tmp_pa
     paths = asyncio.run(_seed_inconsistent(tmp_path))
     live = start_server(tmp_path)
     try:
-        blobs = BlobStore(tmp_path / "images")
+        blobs = LocalBlobStore(tmp_path / "images")
         assert not Path(paths["temp"]).exists()
         assert not blobs.exists(paths["orphan"])
         assert not blobs.exists(paths["torn"])

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fluxport.storage.blobs import TEMP_SUFFIX, BlobStore, new_image_id
+from fluxport.storage.blobs import TEMP_SUFFIX, LocalBlobStore, new_image_id
 from fluxport.storage.db import (
     INTERRUPTED_ERROR,
     Database,
@@ -592,7 +592,7 @@ def _files(root: Path) -> list[Path]:
 
 @pytest.mark.parametrize("fsync", ["before_answer", "after_answer"])
 async def test_blob_save_and_read(tmp_path: Path, fsync: Literal["before_answer", "after_answer"]) -> None:
-    store = BlobStore(tmp_path / "images", fsync=fsync)  # created on first save
+    store = LocalBlobStore(tmp_path / "images", fsync=fsync)  # created on first save
     image_id = new_image_id()
     data = os.urandom(256 * 1024)
     rel = await store.save(image_id, data, ".PNG")
@@ -620,7 +620,7 @@ async def test_blob_save_and_read(tmp_path: Path, fsync: Literal["before_answer"
 async def test_blob_fsync_after_answer_waits_for_sync_soon(tmp_path: Path) -> None:
     """after_answer: saves are not fsynced while their caller still commits its records; sync_soon()
     starts one background job for every blob saved so far, and close() flushes what is left."""
-    store = BlobStore(tmp_path, fsync="after_answer")
+    store = LocalBlobStore(tmp_path, fsync="after_answer")
     first = await store.save(new_image_id(), b"one", "png")
     await store.save(new_image_id(), b"two", "png")
     assert store._syncing is None
@@ -644,7 +644,7 @@ async def test_blob_fsync_after_answer_waits_for_sync_soon(tmp_path: Path) -> No
 
 async def test_blob_overwrite_is_atomic_for_readers(tmp_path: Path) -> None:
     """A reader sees the whole old file or the whole new one, never a mix or a truncation."""
-    store = BlobStore(tmp_path)
+    store = LocalBlobStore(tmp_path)
     image_id = new_image_id()
     old, new = b"a" * 2_000_000, b"b" * 2_000_000
     rel = await store.save(image_id, old, "png")
@@ -664,17 +664,17 @@ async def test_blob_overwrite_is_atomic_for_readers(tmp_path: Path) -> None:
 
 
 async def test_blob_failed_write_leaves_nothing(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = LocalBlobStore(tmp_path)
     image_id = new_image_id()
     with pytest.raises(TypeError):
         await store.save(image_id, cast(bytes, "not bytes"), "png")
-    assert not store.exists(BlobStore.relative_path(image_id, "png"))
+    assert not store.exists(LocalBlobStore.relative_path(image_id, "png"))
     assert _files(tmp_path) == []
 
 
 async def test_blob_paths_stay_inside_the_root(tmp_path: Path) -> None:
     root = tmp_path / "images"
-    store = BlobStore(root)
+    store = LocalBlobStore(root)
     (tmp_path / "secret.txt").write_text("no")
     for bad in ("../x", "../secret.txt", "ab/../../secret.txt", "/etc/passwd", "", ".", "ab/\0x"):
         with pytest.raises(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, StringConstraints
+from pydantic import AliasChoices, Field, StringConstraints, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,37 @@ class Settings(BaseSettings):
     # Storage: SQLite file and image files under data_dir unless database_url says otherwise.
     data_dir: Path = Path("./data")
     database_url: str | None = None
+    # Image files: under data_dir/images, or in an S3-compatible bucket every replica shares.
+    blob_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix for image files (pip install 'fluxport[s3]'); "
+        "unset: data_dir/images.",
+    )
+    blob_endpoint_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/\s]+/?$",
+        description="The S3 API's base URL for MinIO, R2, Ceph...; unset: AWS S3.",
+    )
+    blob_region: str | None = Field(
+        default=None, description="The bucket's region; unset: AWS_REGION, else us-east-1."
+    )
+    blob_downloads: Literal["proxy", "presign"] = Field(
+        default="proxy",
+        description="proxy: image links stream the object through the gateway; presign: they redirect "
+        "(307) to a presigned GET URL valid until the link expires.",
+    )
+    # The standard AWS variables; unset: the rest of the AWS chain (web identity, container or
+    # instance role). As keyword arguments, by these names: Settings(AWS_ACCESS_KEY_ID=...).
+    blob_access_key_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "FLUXPORT_BLOB_ACCESS_KEY_ID")
+    )
+    blob_secret_access_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "FLUXPORT_BLOB_SECRET_ACCESS_KEY"),
+    )
+    blob_session_token: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_SESSION_TOKEN", "FLUXPORT_BLOB_SESSION_TOKEN")
+    )
 
     # Live state shared by replicas (rate limits, circuit breakers); unset: in this process's memory.
     redis_url: str | None = Field(
@@ -147,6 +178,24 @@ class Settings(BaseSettings):
         Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[^/\s]+/[^\s]+$")],
         Annotated[float, Field(ge=0, allow_inf_nan=False)],
     ] = Field(default_factory=dict, description="Per-megapixel prices by provider/model.")
+
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_url(cls, value: str | None) -> str | None:
+        if value:
+            from fluxport.storage.blobs.factory import parse_blob_url  # storage owns the format
+
+            parse_blob_url(value)  # raises, saying what is expected
+        return value or None
+
+    @model_validator(mode="after")
+    def _presign_needs_a_bucket(self) -> Settings:
+        if self.blob_downloads == "presign" and not self.blob_url:
+            raise ValueError(
+                "FLUXPORT_BLOB_DOWNLOADS=presign needs FLUXPORT_BLOB_URL (s3://bucket/prefix): "
+                "files in the data directory have no presigned URLs"
+            )
+        return self
 
     @property
     def shared_database(self) -> bool:

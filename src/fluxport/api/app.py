@@ -34,7 +34,7 @@ from fluxport.metrics import Metrics
 from fluxport.providers.local import LocalProvider
 from fluxport.providers.registry import build_providers
 from fluxport.settings import Settings
-from fluxport.storage.blobs import BlobStore
+from fluxport.storage.blobs import open_blob_store
 from fluxport.storage.db import Database
 from fluxport.storage.repair import repair_on_start, sweep_forever
 
@@ -202,8 +202,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = await Database.open(settings.resolved_database_url)
-        blobs = BlobStore(settings.images_dir, fsync=settings.image_fsync)
-        await asyncio.to_thread(blobs.prepare)
+        # Image files: the data dir's images/ or an S3-compatible bucket (FLUXPORT_BLOB_URL).
+        blobs = open_blob_store(settings)
+        await blobs.start()
         # Crash repair before serving; then the expiry sweep of image files (storage/repair.py).
         # Replicas sharing the database: only requests older than any live one are interrupted.
         in_flight_s = settings.request_deadline_s + 60 if settings.shared_database else None
@@ -253,7 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await live.aclose()
             for provider in providers.values():
                 await provider.aclose()
-            await asyncio.to_thread(blobs.close)
+            await blobs.aclose()
             await db.close()
 
     options: dict[str, Any] = {}

@@ -6,10 +6,11 @@ import asyncio
 import base64
 import re
 import time
+from email.utils import format_datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 from starlette.responses import Response
@@ -34,6 +35,7 @@ from fluxport.domain.errors import (
 )
 from fluxport.domain.job import OUTPUT_FORMATS, Operation, file_extension
 from fluxport.gateway.service import Completed, ImageService, PreparedRequest
+from fluxport.storage.blobs import BlobStream, Redirect
 
 router = APIRouter()
 
@@ -348,10 +350,15 @@ def _assign(fields: dict[str, Any], key: str, value: Any) -> None:
 @router.get(
     "/images/{name}",
     tags=["images"],
-    responses={200: {"content": {"image/*": {}}}, 404: {"model": ErrorResponse}},
+    responses={
+        200: {"content": {"image/*": {}}},
+        307: {"description": "To a presigned URL of the image (FLUXPORT_BLOB_DOWNLOADS=presign)"},
+        404: {"model": ErrorResponse},
+    },
 )
-async def stored_image(name: str, request: Request) -> FileResponse:
-    """A stored image, for `response_format=url`. The id is unguessable (192 bits)."""
+async def stored_image(name: str, request: Request) -> Response:
+    """A stored image, for `response_format=url`. The id is unguessable (192 bits). From an object
+    store: streamed through (FLUXPORT_BLOB_DOWNLOADS=proxy) or a 307 to a presigned URL (presign)."""
     service = _service(request)
     m = _ID.match(name)
     row = await service.db.get_image(m.group(1)) if m else None
@@ -363,12 +370,19 @@ async def stored_image(name: str, request: Request) -> FileResponse:
     remaining = created + service.settings.image_ttl_s - time.time()
     if remaining <= 0:
         raise NotFound("This image link has expired.", param=None, code="expired")
-    if not service.blobs.exists(row.path):
+    found = await service.blobs.download(row.path, valid_for_s=remaining)
+    if found is None:
         raise NotFound("No such image (the link may be wrong or expired).", param=None)
+    headers = {"cache-control": f"private, max-age={min(3600, int(remaining))}"}
+    if isinstance(found, Redirect):  # the presigned URL lasts as long as the link: so may this
+        return RedirectResponse(found.url, status_code=307, headers=headers)
+    if isinstance(found, BlobStream):
+        headers |= {"content-length": str(found.size), "content-disposition": f'inline; filename="{name}"'}
+        if found.etag:
+            headers["etag"] = found.etag
+        if found.last_modified:
+            headers["last-modified"] = format_datetime(found.last_modified, usegmt=True)
+        return StreamingResponse(found.chunks, media_type=row.mime, headers=headers)
     return FileResponse(
-        service.blobs.resolve(row.path),
-        media_type=row.mime,
-        headers={"cache-control": f"private, max-age={min(3600, int(remaining))}"},
-        filename=name,
-        content_disposition_type="inline",
+        found.path, media_type=row.mime, headers=headers, filename=name, content_disposition_type="inline"
     )

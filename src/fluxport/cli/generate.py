@@ -197,17 +197,18 @@ async def _run_async(
     from fluxport.api.protocol import parse_image_request
     from fluxport.gateway.service import ImageService, new_request_id
     from fluxport.providers.registry import build_providers
-    from fluxport.storage.blobs import BlobStore
+    from fluxport.storage.blobs import open_blob_store
     from fluxport.storage.db import Database
 
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(settings.resolved_database_url)
     providers = build_providers(settings)
-    blobs = BlobStore(settings.images_dir, fsync=settings.image_fsync)
+    blobs = open_blob_store(settings)
     service = ImageService(settings, db, blobs, providers)
     t0 = time.monotonic()
     try:
+        await blobs.start()
         req = parse_image_request(fields)
         prepared = await service.prepare(new_request_id(), operation, req.to_params(), uploads)
         if prepared.spec.noise:
@@ -246,7 +247,7 @@ async def _run_async(
     finally:
         for provider in providers.values():
             await provider.aclose()
-        await asyncio.to_thread(blobs.close)  # its fsyncs done before the command returns
+        await blobs.aclose()  # its fsyncs done before the command returns
         await db.close()
     paths = []
     for i, img in enumerate(done.images):

@@ -6,6 +6,10 @@ a link to one: the record is committed before the response is sent); records of 
 whose file is missing, or shorter or longer than recorded (torn by a power cut before its fsync),
 are removed, with such a file. Expired images keep their record (for accounting) but lose
 their file: the sweep deletes it at start-up and then periodically.
+
+In an S3-compatible bucket (storage/blobs/s3.py) only the expiry part applies: a PUT is atomic, so
+nothing is torn or left half-written, and objects without a record are left alone, since another
+replica sharing the bucket may be about to commit one (a bucket lifecycle rule removes strays).
 """
 
 from __future__ import annotations
@@ -13,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fluxport.storage.blobs import TEMP_SUFFIX, BlobStore
+from fluxport.storage.blobs import BlobStore, LocalBlobStore
 from fluxport.storage.db import Database
 
 __all__ = ["RepairReport", "expiry_cutoff", "repair_on_start", "sweep_expired", "sweep_forever"]
@@ -45,23 +48,6 @@ def expiry_cutoff(ttl_s: int, now: datetime | None = None) -> datetime:
     return (now or datetime.now(UTC)) - timedelta(seconds=ttl_s)
 
 
-def _scan(root: Path) -> tuple[dict[str, int], list[Path]]:
-    """(relative path -> size of the stored files, temp files) under the blob store's root."""
-    files: dict[str, int] = {}
-    temps: list[Path] = []
-    if not root.is_dir():
-        return files, temps
-    for directory, _dirs, names in os.walk(root):
-        for name in names:
-            full = Path(directory) / name
-            if name.endswith(TEMP_SUFFIX):
-                temps.append(full)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    files[full.relative_to(root).as_posix()] = full.stat().st_size
-    return files, temps
-
-
 def _unlink(paths: list[Path]) -> int:
     removed = 0
     for path in paths:
@@ -84,7 +70,10 @@ async def repair_on_start(
     report = RepairReport()
     report.interrupted = await db.mark_interrupted(_in_flight_cutoff(in_flight_s))
     cutoff = report.cutoff = expiry_cutoff(ttl_s)
-    files, temps = await asyncio.to_thread(_scan, blobs.root)
+    if not isinstance(blobs, LocalBlobStore):
+        await _repair_object_store(db, blobs, report)
+        return report
+    files, temps = await asyncio.to_thread(blobs.scan)
     report.temp_files = await asyncio.to_thread(_unlink, temps)
 
     missing: list[str] = []
@@ -129,6 +118,18 @@ async def repair_on_start(
     return report
 
 
+async def _repair_object_store(db: Database, blobs: BlobStore, report: RepairReport) -> None:
+    """An object store's share of the repair: delete the expired images' objects still there
+    (one listing of the prefix, which holds about one TTL's worth of images, then bulk deletes)."""
+    stored = await blobs.inventory()
+    expired = [path for _, _, path, created_at, _ in await db.image_paths() if created_at < report.cutoff]
+    report.expired_files = await blobs.delete_many([path for path in expired if path in stored])
+    if report.interrupted:
+        log.warning("repair: marked %d requests left in flight as interrupted", report.interrupted)
+    if report.expired_files:
+        log.info("repair: deleted %d expired images from %s", report.expired_files, blobs.describe())
+
+
 async def sweep_expired(
     db: Database, blobs: BlobStore, *, ttl_s: int, since: datetime | None
 ) -> tuple[int, datetime]:
@@ -136,7 +137,7 @@ async def sweep_expired(
     the records stay. Returns (files deleted, the new cutoff: the next sweep's `since`)."""
     cutoff = expiry_cutoff(ttl_s)
     rows = await db.image_paths(created_from=since, created_before=cutoff)
-    deleted = await asyncio.to_thread(_unlink, [blobs.resolve(path) for _, _, path, _, _ in rows])
+    deleted = await blobs.delete_many([path for _, _, path, _, _ in rows])
     if deleted:
         log.info("sweep: deleted %d expired image files", deleted)
     return deleted, cutoff

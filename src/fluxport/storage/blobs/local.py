@@ -1,37 +1,30 @@
-"""Image bytes on local disk, written atomically; paths are relative to the store's root."""
+"""Image bytes on local disk (the default store), written atomically; paths are relative to the
+store's root."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import re
-import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, Literal
 
-__all__ = ["TEMP_SUFFIX", "BlobStore", "new_image_id"]
+from fluxport.storage.blobs.base import Download, LocalFile, blob_path
+
+__all__ = ["TEMP_SUFFIX", "WRITE_THREADS", "LocalBlobStore"]
 
 log = logging.getLogger(__name__)
 
 # Leftover temp files (a crash mid-write) end in this, so a sweep can find and remove them.
 TEMP_SUFFIX: Final = ".tmp"
-_IMAGE_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_EXT: Final = re.compile(r"[a-z0-9]{1,10}")
 WRITE_THREADS: Final = 4
 
 
-def new_image_id() -> str:
-    """An unguessable image id: 192 random bits, URL-safe (32 characters)."""
-    return secrets.token_urlsafe(24)
-
-
-class BlobStore:
+class LocalBlobStore:
     """Stores blobs under `root` as `<shard>/<image_id>.<ext>`; file I/O runs in worker threads.
 
     A save is atomic (temp file, then rename): readers, and a process that dies, see all of a blob
@@ -58,14 +51,10 @@ class BlobStore:
     @staticmethod
     def relative_path(image_id: str, ext: str) -> str:
         """Where an image lives: 256 shard dirs keep any one directory small."""
-        if not _IMAGE_ID.fullmatch(image_id):
-            raise ValueError(f"invalid image id {image_id!r}")
-        ext = ext.removeprefix(".").lower()
-        if not _EXT.fullmatch(ext):
-            raise ValueError(f"invalid extension {ext!r}")
-        # Hashing spreads ids evenly and keeps shard names to [0-9a-f] (ids may start with '-').
-        shard = hashlib.sha256(image_id.encode()).hexdigest()[:2]
-        return f"{shard}/{image_id}.{ext}"
+        return blob_path(image_id, ext)
+
+    def describe(self) -> str:
+        return f"directory {self.root}"
 
     def resolve(self, path: str) -> Path:
         """The absolute path of a stored blob; refuses anything that would leave the root."""
@@ -91,6 +80,9 @@ class BlobStore:
                 created = True
         if created:
             _fsync_dir(self.root)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.prepare)
 
     async def save(self, image_id: str, content: bytes | Callable[[], bytes], ext: str) -> str:
         """Write atomically and durably; returns the path relative to the root. `content`: the
@@ -131,8 +123,26 @@ class BlobStore:
             _fsync_written(self._unsynced)
             self._unsynced = []
 
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
     async def read(self, path: str) -> bytes:
         return await asyncio.to_thread(self.resolve(path).read_bytes)
+
+    async def size(self, path: str) -> int | None:
+        target = self.resolve(path)
+
+        def stat() -> int | None:
+            try:
+                return target.stat().st_size if target.is_file() else None
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(stat)
+
+    async def download(self, path: str, *, valid_for_s: float) -> Download | None:
+        # One stat, on the loop as the response's own (FileResponse stats the file again).
+        return LocalFile(self.resolve(path)) if self.exists(path) else None
 
     async def delete(self, path: str) -> bool:
         """Remove a blob; returns False if it was already gone."""
@@ -147,8 +157,33 @@ class BlobStore:
 
         return await asyncio.to_thread(unlink)
 
+    async def delete_many(self, paths: Sequence[str]) -> int:
+        return await asyncio.to_thread(_unlink, [self.resolve(path) for path in paths])
+
     def exists(self, path: str) -> bool:
+        """Whether the blob is on disk (blocking: a stat)."""
         return self.resolve(path).is_file()
+
+    async def inventory(self) -> dict[str, int]:
+        files, _temps = await asyncio.to_thread(self.scan)
+        return files
+
+    def scan(self) -> tuple[dict[str, int], list[Path]]:
+        """(relative path -> size of the stored files, temp files of interrupted writes) under the
+        root (blocking: walks the directory)."""
+        files: dict[str, int] = {}
+        temps: list[Path] = []
+        if not self.root.is_dir():
+            return files, temps
+        for directory, _dirs, names in os.walk(self.root):
+            for name in names:
+                full = Path(directory) / name
+                if name.endswith(TEMP_SUFFIX):
+                    temps.append(full)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        files[full.relative_to(self.root).as_posix()] = full.stat().st_size
+        return files, temps
 
     @staticmethod
     def _write(target: Path, content: bytes | Callable[[], bytes], durable: bool = True) -> None:
@@ -174,6 +209,16 @@ class BlobStore:
             _fsync_dir(target.parent)
         if new_shard:
             _fsync_dir(target.parent.parent)
+
+
+def _unlink(paths: Sequence[Path]) -> int:
+    """Remove these files; returns how many were there."""
+    removed = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def _fsync_written(targets: list[Path]) -> None:
