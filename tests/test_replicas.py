@@ -347,3 +347,40 @@ def test_the_playground_limit_per_ip_holds_across_replicas(fleet: Fleet) -> None
     limit = 10  # FLUXPORT_PLAYGROUND_RATE_PER_MINUTE's default
     assert all(code != 429 for code in codes[:limit])
     assert codes[limit:] == [429] * (len(codes) - limit)
+
+
+def test_postgres_going_away_is_a_503_never_a_500(fleet: Fleet, tmp_path: Path) -> None:
+    """A replica whose database connection is cut (a proxy in front of the real server) answers
+    503 storage_unavailable with Retry-After, and serves again once the database is back."""
+    from urllib.parse import urlsplit
+
+    from tests.services import CuttableProxy
+
+    real = urlsplit(fleet.db_url.replace("postgresql+asyncpg", "postgresql"))
+    proxy = CuttableProxy(real.port or 5432)
+    env = {**fleet.env, "FLUXPORT_DATABASE_URL": fleet.db_url.replace(f":{real.port}/", f":{proxy.port}/")}
+    port = free_port()
+    proc = serve(tmp_path / "data", port, tmp_path / "pg.log", strip_prefixes=("FLUXPORT_",), **env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        key = fleet.new_key()
+        fleet.client(base, key).models.list()
+        proxy.cut()
+        fresh_key = fleet.new_key()  # not cached by the replica: its lookup needs the database
+        with pytest.raises(openai.InternalServerError) as err:
+            fleet.client(base, fresh_key).models.list()
+        assert err.value.status_code == 503 and err.value.response.headers["retry-after"]
+        assert err.value.code == "storage_unavailable"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        proxy.restore()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fleet.client(base, fresh_key).models.list()
+                break
+            except openai.InternalServerError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        proxy.cut()
+        stop(proc)

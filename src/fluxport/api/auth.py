@@ -11,11 +11,18 @@ import hmac
 import logging
 from dataclasses import dataclass, field
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fluxport.domain.errors import BudgetExceeded, FluxportError, InvalidApiKey, RateLimited
+from fluxport.domain.errors import (
+    BudgetExceeded,
+    FluxportError,
+    InvalidApiKey,
+    RateLimited,
+    StorageUnavailable,
+)
 from fluxport.keys import hash_key, month_start, shown_prefix
 from fluxport.live import LocalWindows, Windows
 from fluxport.settings import Settings
@@ -53,7 +60,13 @@ class KeyAuth:
         digest = hash_key(secret)
         if digest in self._cache:
             return self._cache[digest]
-        row = await self.db.api_key_by_hash(digest)
+        try:
+            row = await self.db.api_key_by_hash(digest)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("API key lookup failed: %r", exc)
+            raise StorageUnavailable(
+                "The database is unreachable, so the API key cannot be checked."
+            ) from exc
         if row is not None and not hmac.compare_digest(row.hash, digest):
             row = None
         if len(self._cache) >= _KEY_CACHE_MAX:
@@ -111,7 +124,10 @@ class KeyAuth:
         """Refuse a paid request once the key's spend this UTC month has reached its budget."""
         if key is None or key.monthly_budget_usd is None:
             return
-        spent = await self.db.key_spend(key.id, since=month_start())
+        try:
+            spent = await self.db.key_spend(key.id, since=month_start())
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageUnavailable("The database is unreachable, so the budget cannot be checked.") from exc
         if spent >= key.monthly_budget_usd:
             raise BudgetExceeded(
                 f"API key {shown_prefix(key)} has spent ${spent:.4f} this month (UTC), which reaches its "
