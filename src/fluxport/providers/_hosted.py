@@ -1,4 +1,10 @@
-"""Plumbing shared by the hosted adapters (fal, Replicate): HTTP policy, sizes, downloads, errors."""
+"""Plumbing shared by the hosted adapters (fal, Replicate): HTTP policy, sizes, downloads, errors.
+
+Provider calls go straight through aiohttp's client (one kept-alive pool per provider). They went
+through httpx on an aiohttp transport before: httpx's request and response models, URL parsing,
+cookie handling and header merging on top of aiohttp's own were about a fifth of the server's CPU
+under load, for no behaviour the adapters use.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,22 @@ import base64
 import binascii
 import contextlib
 import email.utils
+import functools
 import io
 import ipaddress
+import json
 import re
 import socket
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import httpx
-from httpx_aiohttp import AiohttpTransport
+import aiohttp
 from PIL import Image
+from yarl import URL
 
 from fluxport.domain.errors import FluxportError, ProviderFailure, RateLimited
 from fluxport.domain.job import ReferenceImage
@@ -50,6 +60,39 @@ class HttpPolicy:
     max_connections: int = 1024
 
 
+# What a failed exchange raises: aiohttp's errors (its connect and read timeouts are TimeoutErrors).
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+# Idle pooled connections are closed after this long (httpx's default keep-alive expiry, as before).
+KEEPALIVE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One whole answer of a provider: status, headers and body, read before its connection went
+    back to the pool."""
+
+    status_code: int
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDictProxy)
+    content: bytes
+    reason_phrase: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body parsed as JSON; ValueError when it is not JSON."""
+        return json.loads(self.content)
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """The certificate store httpx used for these calls (certifi's, or SSL_CERT_FILE / _DIR)."""
+    import httpx  # only for its trust store (certifi's, or SSL_CERT_FILE / SSL_CERT_DIR)
+
+    return httpx.create_ssl_context()
+
+
 def data_uri(ref: ReferenceImage) -> str:
     return f"data:{ref.mime};base64,{base64.b64encode(ref.data).decode('ascii')}"
 
@@ -57,7 +100,7 @@ def data_uri(ref: ReferenceImage) -> str:
 _RESETS_IN = re.compile(r"resets in ~?\s*(\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
 
 
-def retry_after_of(response: httpx.Response) -> float | None:
+def retry_after_of(response: Reply) -> float | None:
     """Seconds to wait from Retry-After (seconds or HTTP date), or a "resets in ~30s" detail."""
     value = response.headers.get("retry-after")
     if value:
@@ -145,8 +188,8 @@ class DownloadGuard:
         domains = tuple(h.strip().lower().rstrip(".") for h in hosts if h.strip().strip("."))
         trusted = set()
         for raw in provider_urls:
-            with contextlib.suppress(httpx.InvalidURL):
-                url = httpx.URL(raw)
+            with contextlib.suppress(TypeError, ValueError):
+                url = URL(raw)
                 if url.scheme in _DEFAULT_PORTS and url.host:
                     trusted.add(_origin(url))
         return cls(domains, frozenset(trusted), **kw)
@@ -162,72 +205,126 @@ class DownloadGuard:
         host = host.lower().rstrip(".")
         return any(host == d or host.endswith("." + d) for d in self.hosts)
 
-    async def check(self, url: str | httpx.URL) -> httpx.URL:
+    async def check(self, url: str | URL) -> URL:
         """The parsed URL when it may be fetched; RefusedURL otherwise."""
         try:
-            parsed = httpx.URL(url)
-        except (httpx.InvalidURL, TypeError, ValueError) as exc:
+            parsed = url if isinstance(url, URL) else URL(url)
+            host = parsed.host
+        except (TypeError, ValueError) as exc:
             raise RefusedURL(f"malformed URL ({exc})") from None
-        if parsed.scheme not in _DEFAULT_PORTS or not parsed.host:
+        if parsed.scheme not in _DEFAULT_PORTS or not host:
             raise RefusedURL(f"scheme {parsed.scheme!r} is not https")
-        if parsed.userinfo:
+        if parsed.user or parsed.password:
             raise RefusedURL("credentials in the URL")
         if _origin(parsed) in self.trusted:
             return parsed
         if parsed.scheme != "https":
             raise RefusedURL("only https downloads are allowed")
-        if not self.allowed_host(parsed.host):
-            raise RefusedURL(f"host {parsed.host!r} is not an allowed download host")
+        if not self.allowed_host(host):
+            raise RefusedURL(f"host {host!r} is not an allowed download host")
         port = parsed.port or 443
         try:
-            addresses = await self.resolver(parsed.host, port)
+            addresses = await self.resolver(host, port)
         except OSError as exc:
-            raise RefusedURL(f"host {parsed.host!r} does not resolve ({exc})") from None
+            raise RefusedURL(f"host {host!r} does not resolve ({exc})") from None
         if not addresses:
-            raise RefusedURL(f"host {parsed.host!r} does not resolve")
+            raise RefusedURL(f"host {host!r} does not resolve")
         for address in addresses:
             try:
                 public = _public(address)
             except ValueError:
                 public = False
             if not public:
-                raise RefusedURL(f"host {parsed.host!r} resolves to the non-public address {address}")
+                raise RefusedURL(f"host {host!r} resolves to the non-public address {address}")
         return parsed
 
 
-def _origin(url: httpx.URL) -> tuple[str, str, int]:
-    return url.scheme, url.host.lower().rstrip("."), url.port or _DEFAULT_PORTS.get(url.scheme, 0)
+def _origin(url: URL) -> tuple[str, str, int]:
+    host = (url.host or "").lower().rstrip(".")
+    return url.scheme, host, url.port or _DEFAULT_PORTS.get(url.scheme, 0)
 
 
-def _shown(url: str | httpx.URL) -> str:
+def _shown(url: str | URL) -> str:
     text = str(url)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Http:
-    """An httpx client with one provider's error policy: timeouts, 429 and transient retries."""
+    """One provider's aiohttp pool with its error policy: timeouts, 429 and transient retries."""
 
     def __init__(
         self,
         provider: str,
         policy: HttpPolicy,
-        client: httpx.AsyncClient | None,
+        session: aiohttp.ClientSession | None,
         guard: DownloadGuard,
     ) -> None:
-        """`guard`: where result images may come from."""
+        """`session`: a pool to share (closed by its owner); None: one of our own, opened on first
+        use (an aiohttp session belongs to the event loop it is made on). `guard`: where result
+        images may come from."""
         self.provider = provider
         self.policy = policy
         self.guard = guard
-        self._own = client is None
-        limits = httpx.Limits(
-            max_connections=policy.max_connections, max_keepalive_connections=policy.max_connections
-        )
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(policy.timeout_s),
-            transport=AiohttpTransport(limits=limits),
-            follow_redirects=True,
-        )
+        self._own = session is None
+        self._session = session
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._background: set[asyncio.Task[bool]] = set()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.policy.max_connections,
+                limit_per_host=0,
+                keepalive_timeout=KEEPALIVE_S,
+                ssl=_ssl_context(),
+            )
+            # No cookie jar: no provider sets cookies we use, and parsing Set-Cookie costs per call.
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=self.timeout(self.policy.timeout_s),
+            )
+        return self._session
+
+    def timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        """`seconds` for each stage of one exchange (a free connection and connecting, each read),
+        as httpx's timeout was; none for the whole (the callers bound their waits)."""
+        found = self._timeouts.get(seconds)
+        if found is None:
+            found = self._timeouts[seconds] = aiohttp.ClientTimeout(
+                total=None, connect=seconds, sock_connect=seconds, sock_read=seconds
+            )
+        return found
+
+    def stream(
+        self, method: str, url: str | URL, *, headers: Mapping[str, str], timeout_s: float | None = None
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """One exchange whose body the caller reads (`response.content`); leaving the block
+        releases the connection, or closes it when the body was not read to the end."""
+        return self.session.request(
+            method, url, headers=headers, timeout=self.timeout(timeout_s or self.policy.timeout_s)
+        )
+
+    async def once(
+        self,
+        method: str,
+        url: str | URL,
+        *,
+        headers: Mapping[str, str],
+        timeout_s: float | None = None,
+        body: bytes | None = None,
+    ) -> Reply:
+        """One exchange, its whole answer read; TRANSPORT_ERRORS when it fails."""
+        async with self.session.request(
+            method,
+            url,
+            data=body,
+            headers=headers,
+            timeout=self.timeout(timeout_s or self.policy.timeout_s),
+        ) as response:
+            content = await response.read()
+            return Reply(response.status, response.headers, content, response.reason or "")
 
     async def request(
         self,
@@ -235,24 +332,27 @@ class Http:
         url: str,
         *,
         idempotent: bool,
+        headers: Mapping[str, str],
+        json: Any = None,
         timeout_s: float | None = None,
-        **kwargs: Any,
-    ) -> httpx.Response:
+    ) -> Reply:
         """One call; 429 is retried after Retry-After, then raised as RateLimited; transport faults,
         timeouts and 5xx become ProviderFailure. Any other status is returned for the caller to map."""
+        body = None
+        if json is not None:
+            body = _dumps(json)
+            headers = {**headers, "Content-Type": "application/json"}
         limited = 0
         transient = 0
         while True:
             try:
-                response = await self.client.request(
-                    method, url, timeout=timeout_s or self.policy.timeout_s, **kwargs
-                )
-            except httpx.TimeoutException as exc:
+                response = await self.once(method, url, headers=headers, timeout_s=timeout_s, body=body)
+            except TimeoutError as exc:  # aiohttp's connect and read timeouts (also ClientErrors)
                 if idempotent and transient < self.policy.transient_retries:
                     transient += 1
                     continue
                 raise ProviderFailure(f"{self.provider}: {method} timed out ({type(exc).__name__}).") from exc
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
                 if idempotent and transient < self.policy.transient_retries:
                     transient += 1
                     await asyncio.sleep(0.1 * transient)
@@ -292,7 +392,7 @@ class Http:
                 raise ProviderFailure(f"{self.provider} answered {response.status_code}: {_detail(response)}")
             return response
 
-    def json(self, response: httpx.Response, what: str) -> dict[str, Any]:
+    def json(self, response: Reply, what: str) -> dict[str, Any]:
         """The body as a JSON object, or ProviderFailure."""
         try:
             body = response.json()
@@ -313,7 +413,7 @@ class Http:
                 while True:
                     try:
                         return await self._download_once(url)
-                    except (httpx.TransportError, _Transient) as exc:
+                    except (*TRANSPORT_ERRORS, _Transient) as exc:
                         if transient >= self.policy.transient_retries:
                             raise ProviderFailure(
                                 f"{self.provider}: image download failed: {exc!r}."
@@ -326,7 +426,7 @@ class Http:
             ) from exc
 
     async def _download_once(self, url: str) -> tuple[bytes, float]:
-        target: str | httpx.URL = url
+        target: str | URL = url
         for _hop in range(self.guard.max_redirects + 1):
             try:
                 checked = await self.guard.check(target)
@@ -335,34 +435,34 @@ class Http:
                     f"{self.provider}: refused to download the result image from {_shown(target)}: {exc}."
                 ) from None
             result = await self._fetch(checked)
-            if isinstance(result, httpx.URL):
+            if isinstance(result, URL):
                 target = result  # a redirect: the next hop is checked like the first
                 continue
             return result
         raise ProviderFailure(f"{self.provider}: the image download redirected too many times.")
 
-    async def _fetch(self, url: httpx.URL) -> tuple[bytes, float] | httpx.URL:
+    async def _fetch(self, url: URL) -> tuple[bytes, float] | URL:
         """The image bytes, or the next URL when the answer is a redirect."""
-        async with self.client.stream("GET", url, follow_redirects=False) as response:
+        async with self.session.get(url, allow_redirects=False) as response:
             first_byte = time.monotonic()
-            if response.status_code in _REDIRECTS:
+            if response.status in _REDIRECTS:
                 location = response.headers.get("location")
                 if not location:
                     raise ProviderFailure(f"{self.provider}: image download redirect without a Location.")
                 try:
-                    return url.join(location)
-                except (httpx.InvalidURL, ValueError) as exc:
+                    return url.join(URL(location))
+                except (TypeError, ValueError) as exc:
                     raise ProviderFailure(f"{self.provider}: malformed download redirect: {exc}.") from None
-            if response.status_code in (429, 502, 503, 504):
-                raise _Transient(f"HTTP {response.status_code}")
-            if response.status_code != 200:
-                raise ProviderFailure(f"{self.provider}: image download answered {response.status_code}.")
+            if response.status in (429, 502, 503, 504):
+                raise _Transient(f"HTTP {response.status}")
+            if response.status != 200:
+                raise ProviderFailure(f"{self.provider}: image download answered {response.status}.")
             declared = response.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > self.policy.max_image_bytes:
                 raise ProviderFailure(f"{self.provider}: image of {declared} bytes exceeds the limit.")
             chunks: list[bytes] = []
             size = 0
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.content.iter_any():
                 size += len(chunk)
                 if size > self.policy.max_image_bytes:
                     raise ProviderFailure(
@@ -395,8 +495,16 @@ class Http:
     async def aclose(self) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=self.policy.cancel_timeout_s)
-        if self._own:
-            await self.client.aclose()
+        if self._own and self._session is not None:
+            await self._session.close()
+
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _dumps(value: Any) -> bytes:
+    """A request body as httpx encoded `json=`: compact UTF-8, NaN and infinities refused."""
+    return _encoder.encode(value).encode("utf-8")
 
 
 class _Transient(Exception):
@@ -415,7 +523,7 @@ def _decode_data_uri(url: str, provider: str, limit: int) -> bytes:
         raise ProviderFailure(f"{provider}: malformed base64 in an inline image.") from exc
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: Reply) -> str:
     """A short human-readable reason from an error body."""
     try:
         body = response.json()

@@ -14,15 +14,17 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import httpx
+import aiohttp
 
 from fluxport.domain.errors import ContentPolicyViolation, FluxportError, InvalidRequest, ProviderFailure
 from fluxport.domain.job import ImageJob
 from fluxport.providers._hosted import (
+    TRANSPORT_ERRORS,
     DownloadGuard,
     Http,
     HttpPolicy,
     Progress,
+    Reply,
     data_uri,
     step_of,
     to_image,
@@ -92,7 +94,7 @@ class FalProvider:
         self,
         settings: Settings,
         *,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
         policy: HttpPolicy | None = None,
         status_stream: bool = True,
         max_streams: int | None = None,
@@ -106,7 +108,10 @@ class FalProvider:
         self.max_streams = max_streams if max_streams is not None else self.policy.max_connections * 3 // 4
         self._streams = 0
         guard = DownloadGuard.for_provider(settings, DOWNLOAD_HOSTS, self._base)
-        self._http = Http(self.name, self.policy, client, guard)
+        self._http = Http(self.name, self.policy, session, guard)
+        self._auth = {"Authorization": f"Key {self._key}"}
+        self._stream_headers = self._auth | {"Accept": "text/event-stream"}
+        self._capabilities: dict[str, Capabilities] = {}  # per model: fixed at start-up
 
     def state(self, model: str) -> ProviderState:
         if model not in ENDPOINTS:
@@ -116,6 +121,13 @@ class FalProvider:
         return ProviderState(True, f"fal queue API at {self._base} ({ENDPOINTS[model][0]})")
 
     def capabilities(self, model: str) -> Capabilities:
+        """Built once per model: the router asks several times per request."""
+        found = self._capabilities.get(model)
+        if found is None:
+            found = self._capabilities[model] = self._build_capabilities(model)
+        return found
+
+    def _build_capabilities(self, model: str) -> Capabilities:
         extras = EXTRAS - _FLASH_UNSUPPORTED if model.endswith("-flash") else EXTRAS
         return Capabilities(
             max_images_per_call=MAX_IMAGES_PER_CALL,
@@ -131,9 +143,6 @@ class FalProvider:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Key {self._key}"}
 
     def build_input(self, job: ImageJob) -> tuple[str, dict[str, Any], dict[str, Behaviour]]:
         """The endpoint, the JSON input and the normalisation report for `job` (no I/O)."""
@@ -195,7 +204,7 @@ class FalProvider:
         report = Progress(progress)
         submit = asyncio.ensure_future(
             self._http.request(
-                "POST", f"{self._base}/{endpoint}", idempotent=False, json=body, headers=self._headers()
+                "POST", f"{self._base}/{endpoint}", idempotent=False, json=body, headers=self._auth
             )
         )
         try:
@@ -221,7 +230,7 @@ class FalProvider:
         try:
             await self._wait(status_url, job.report_steps, t0, timings, report)
             completed = True
-            result = await self._http.request("GET", response_url, idempotent=True, headers=self._headers())
+            result = await self._http.request("GET", response_url, idempotent=True, headers=self._auth)
             if result.status_code >= 400:
                 raise _client_error(result)
             output = self._http.json(result, "result")
@@ -255,20 +264,14 @@ class FalProvider:
         be opened or broke off first (the caller then polls). The read timeout applies per chunk,
         `max_wait_s` to the whole wait; a cancelled caller closes the stream on the way out."""
         url = _stream_url(status_url, logs)
-        remaining = self.policy.max_wait_s - (time.monotonic() - t0)
-        headers = self._headers() | {"Accept": "text/event-stream"}
+        deadline = asyncio.timeout(self.policy.max_wait_s - (time.monotonic() - t0))
         try:
-            async with (
-                asyncio.timeout(remaining),
-                self._http.client.stream(
-                    "GET", url, headers=headers, timeout=self.policy.timeout_s
-                ) as response,
-            ):
+            async with deadline, self._http.stream("GET", url, headers=self._stream_headers) as response:
                 kind = response.headers.get("content-type", "")
-                if response.status_code != 200 or not kind.startswith("text/event-stream"):
-                    log.debug("fal: status stream answered %s %s; polling", response.status_code, kind)
+                if response.status != 200 or not kind.startswith("text/event-stream"):
+                    log.debug("fal: status stream answered %s %s; polling", response.status, kind)
                     return False
-                async for data in _sse_data(_lines(response.aiter_bytes())):
+                async for data in _sse_data(_lines(response.content.iter_any())):
                     try:
                         status = json.loads(data)
                     except ValueError:
@@ -281,9 +284,9 @@ class FalProvider:
                         and self._observe(status, t0, timings, report)
                     ):
                         return True
-        except TimeoutError as exc:  # asyncio.timeout: httpx raises its own timeout types
-            raise ProviderFailure(f"fal: no result within {self.policy.max_wait_s:g} s.") from exc
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:  # aiohttp's read timeout is a TimeoutError too: not the wait's
+            if deadline.expired():
+                raise ProviderFailure(f"fal: no result within {self.policy.max_wait_s:g} s.") from exc
             log.info("fal: status stream failed (%r); polling", exc)
             return False
         log.info("fal: status stream ended before COMPLETED; polling")
@@ -293,14 +296,9 @@ class FalProvider:
         self, status_url: str, logs: bool, t0: float, timings: AttemptTimings, report: Progress
     ) -> None:
         interval = self.policy.poll_interval_s
+        url = _with_logs(status_url, logs)
         while True:
-            response = await self._http.request(
-                "GET",
-                status_url,
-                idempotent=True,
-                params={"logs": "1" if logs else "0"},
-                headers=self._headers(),
-            )
+            response = await self._http.request("GET", url, idempotent=True, headers=self._auth)
             if response.status_code >= 400:
                 raise _client_error(response)
             if self._observe(self._http.json(response, "status"), t0, timings, report):
@@ -383,7 +381,7 @@ class FalProvider:
             provider_request_id=request_id,
         )
 
-    async def _abandon_submit(self, submit: asyncio.Future[httpx.Response]) -> bool:
+    async def _abandon_submit(self, submit: asyncio.Future[Reply]) -> bool:
         """Cancel the job a cancelled submit created, once its answer names it; True if billed."""
         try:
             async with asyncio.timeout(self.policy.cancel_timeout_s):
@@ -400,6 +398,8 @@ class FalProvider:
             submitted = response.json()
         except ValueError:
             return False
+        if not isinstance(submitted, dict):
+            return False
         cancel_url, request_id = submitted.get("cancel_url"), submitted.get("request_id")
         if not isinstance(cancel_url, str) or not isinstance(request_id, str):
             return False
@@ -408,11 +408,11 @@ class FalProvider:
     async def _cancel(self, cancel_url: str, request_id: str) -> bool:
         """PUT the cancel; True when fal says the request had already completed (it is billed)."""
         try:
-            response = await self._http.client.put(
-                cancel_url, headers=self._headers(), timeout=self.policy.cancel_timeout_s
+            response = await self._http.once(
+                "PUT", cancel_url, headers=self._auth, timeout_s=self.policy.cancel_timeout_s
             )
             log.info("fal: cancel %s -> %s %s", request_id, response.status_code, response.text[:100])
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             log.warning("fal: cancelling %s failed: %r", request_id, exc)
             return False
         try:
@@ -423,10 +423,19 @@ class FalProvider:
 
 def _stream_url(status_url: str, logs: bool = True) -> str:
     """`{status_url}/stream`, keeping the status URL's query, with logs=1 (or 0)."""
-    parts = urlsplit(status_url)
+    return _with_logs(status_url, logs, path_suffix="/stream")
+
+
+def _with_logs(url: str, logs: bool, path_suffix: str = "") -> str:
+    """`url` (its path + `path_suffix`) with the query parameter logs=1 (or 0), replacing any."""
+    flag = "1" if logs else "0"
+    if "?" not in url and "#" not in url:  # fal's URLs: no query to merge
+        return f"{url.rstrip('/') if path_suffix else url}{path_suffix}?logs={flag}"
+    parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "logs"]
-    query.append(("logs", "1" if logs else "0"))
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/stream", query=urlencode(query)))
+    query.append(("logs", flag))
+    path = parts.path.rstrip("/") + path_suffix if path_suffix else parts.path
+    return urlunsplit(parts._replace(path=path, query=urlencode(query)))
 
 
 async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
@@ -470,7 +479,7 @@ def _log_text(logs: object, last: int = 8) -> str:
     return "\n".join(str(entry.get("message", "")) for entry in logs[-last:] if isinstance(entry, dict))
 
 
-def _client_error(response: httpx.Response, sent: Iterable[str] = ()) -> FluxportError:
+def _client_error(response: Reply, sent: Iterable[str] = ()) -> FluxportError:
     """Map a fal 4xx answer (other than 401/403/429, handled earlier) to a fluxport error, naming
     the field as the client sent it: its own fal field (`sent`), else the fluxport parameter."""
     try:

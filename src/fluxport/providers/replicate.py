@@ -10,16 +10,18 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import httpx
+import aiohttp
 
 from fluxport.domain.errors import ContentPolicyViolation, FluxportError, InvalidRequest, ProviderFailure
 from fluxport.domain.job import ImageJob, Size
 from fluxport.domain.sizing import Preset
 from fluxport.providers._hosted import (
+    TRANSPORT_ERRORS,
     DownloadGuard,
     Http,
     HttpPolicy,
     Progress,
+    Reply,
     data_uri,
     step_of,
     to_image,
@@ -99,7 +101,7 @@ class ReplicateProvider:
         self,
         settings: Settings,
         *,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
         policy: HttpPolicy | None = None,
         wait_s: int = 5,
     ) -> None:
@@ -110,7 +112,14 @@ class ReplicateProvider:
         self.policy = policy or HttpPolicy()
         self.wait_s = max(1, min(60, wait_s))
         guard = DownloadGuard.for_provider(settings, DOWNLOAD_HOSTS, self._base)
-        self._http = Http(self.name, self.policy, client, guard)
+        self._http = Http(self.name, self.policy, session, guard)
+        self._auth = {"Authorization": f"Bearer {self._token}"}
+        self._create_headers = self._auth | {
+            "Prefer": f"wait={self.wait_s}",
+            # A server-side deadline, so a prediction we lost track of cannot run for 30 minutes.
+            "Cancel-After": f"{max(1, int(self.policy.max_wait_s))}s",
+        }
+        self._capabilities: dict[str, Capabilities] = {}  # per model: fixed at start-up
 
     def state(self, model: str) -> ProviderState:
         if model not in MODELS:
@@ -120,6 +129,13 @@ class ReplicateProvider:
         return ProviderState(True, f"Replicate predictions API at {self._base} ({MODELS[model]})")
 
     def capabilities(self, model: str) -> Capabilities:
+        """Built once per model: the router asks several times per request."""
+        found = self._capabilities.get(model)
+        if found is None:
+            found = self._capabilities[model] = self._build_capabilities(model)
+        return found
+
+    def _build_capabilities(self, model: str) -> Capabilities:
         return Capabilities(
             max_images_per_call=1,
             max_references=4,
@@ -134,9 +150,6 @@ class ReplicateProvider:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}"}
 
     def build_input(self, job: ImageJob) -> tuple[str, dict[str, Any], dict[str, Behaviour]]:
         """The model route, the prediction input and the normalisation report (no I/O)."""
@@ -189,17 +202,12 @@ class ReplicateProvider:
         t0 = time.monotonic()
         timings = AttemptTimings()
         report = Progress(progress)
-        headers = self._headers() | {
-            "Prefer": f"wait={self.wait_s}",
-            # A server-side deadline, so a prediction we lost track of cannot run for 30 minutes.
-            "Cancel-After": f"{max(1, int(self.policy.max_wait_s))}s",
-        }
         response = await self._http.request(
             "POST",
             f"{self._base}/v1/models/{model}/predictions",
             idempotent=False,
             json={"input": body},
-            headers=headers,
+            headers=self._create_headers,
             timeout_s=self.wait_s + self.policy.timeout_s,
         )
         if response.status_code >= 400:
@@ -256,7 +264,7 @@ class ReplicateProvider:
                 raise ProviderFailure(f"Replicate: no result within {self.policy.max_wait_s:g} s.")
             await asyncio.sleep(interval)
             interval = min(interval * self.policy.poll_backoff, self.policy.max_poll_interval_s)
-            response = await self._http.request("GET", get_url, idempotent=True, headers=self._headers())
+            response = await self._http.request("GET", get_url, idempotent=True, headers=self._auth)
             if response.status_code >= 400:
                 raise _client_error(response)
             prediction = self._http.json(response, "prediction")
@@ -299,11 +307,11 @@ class ReplicateProvider:
     async def _cancel(self, cancel_url: str, pid: str) -> bool:
         """POST the cancel; True when the prediction had already succeeded (it is billed)."""
         try:
-            response = await self._http.client.post(
-                cancel_url, headers=self._headers(), timeout=self.policy.cancel_timeout_s
+            response = await self._http.once(
+                "POST", cancel_url, headers=self._auth, timeout_s=self.policy.cancel_timeout_s
             )
             log.info("replicate: cancel %s -> %s", pid, response.status_code)
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             log.warning("replicate: cancelling %s failed: %r", pid, exc)
             return False
         try:
@@ -321,7 +329,7 @@ def _size_input(size: Size) -> dict[str, Any]:
     return {"aspect_ratio": "custom", "width": fitted.width, "height": fitted.height}
 
 
-def _client_error(response: httpx.Response, sent: Iterable[str] = ()) -> FluxportError:
+def _client_error(response: Reply, sent: Iterable[str] = ()) -> FluxportError:
     """Map a Replicate 4xx (RFC 7807 body; other than 401/403/429) to a fluxport error, naming the
     field as the client sent it: its own Replicate field (`sent`), else the fluxport parameter."""
     own = set(sent)
