@@ -24,6 +24,21 @@ class Planner:
         self.settings = settings
         self.providers = providers
         self.router = router
+        # (provider, model) -> the extras other providers claim: fixed, as their capabilities are.
+        self._claimed: dict[tuple[str, str], frozenset[str]] = {}
+
+    def claimed(self, provider: Provider, model: str) -> frozenset[str]:
+        """The extra fields of `model` that another provider than `provider` names as its own."""
+        key = (provider.name, model)
+        found = self._claimed.get(key)
+        if found is None:
+            found = self._claimed[key] = frozenset(
+                name
+                for other in self.providers.values()
+                if other is not provider
+                for name in other.capabilities(model).extras
+            )
+        return found
 
     def rate(self, provider: Provider, model: str) -> Rate:
         return rate_for(provider.name, model, self.settings, provider.capabilities(model).rate)
@@ -32,14 +47,13 @@ class Planner:
         """`job` as the calls `provider` makes: n split by what one call can make, each with the
         fields meant for it (its own and unknown ones, never another provider's)."""
         caps = provider.capabilities(job.model)
-        claimed = {
-            name
-            for other in self.providers.values()
-            if other is not provider
-            for name in other.capabilities(job.model).extras
-        }
-        extras = {k: v for k, v in job.extras.items() if k in caps.extras or k not in claimed}
+        extras = job.extras
+        if extras:
+            claimed = self.claimed(provider, job.model)
+            extras = {k: v for k, v in extras.items() if k in caps.extras or k not in claimed}
         per_call = max(1, caps.max_images_per_call)
+        if job.n <= per_call and extras is job.extras:
+            return [job]  # one call with every field: the job itself
         return [
             replace(job, n=min(per_call, job.n - start), seed=job.seed + start, extras=extras)
             for start in range(0, job.n, per_call)

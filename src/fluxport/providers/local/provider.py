@@ -60,6 +60,7 @@ class LocalProvider:
         self._workers_lock = threading.Lock()
         self._pipelines = _Pipelines(settings)
         self._closed = False
+        self._capabilities: dict[str, Capabilities] = {}  # per model: fixed at start-up
         self._device: str | None = None  # resolved from settings.local_device on first use
 
     # -- what it serves ------------------------------------------------------------------------
@@ -102,7 +103,14 @@ class LocalProvider:
         return None
 
     def capabilities(self, model: str) -> Capabilities:
-        """Batching, references, every output format (the service encodes pixels), two extras."""
+        """Batching, references, every output format (the service encodes pixels), two extras.
+        Built once per model: the router asks several times per request."""
+        found = self._capabilities.get(model)
+        if found is None:
+            found = self._capabilities[model] = self._build_capabilities(model)
+        return found
+
+    def _build_capabilities(self, model: str) -> Capabilities:
         extras = {"guidance_scale"} if model == FLASH else {"num_inference_steps", "guidance_scale"}
         spec = find_model(model)
         return Capabilities(
