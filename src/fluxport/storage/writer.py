@@ -102,21 +102,35 @@ def _batch(conn: Connection, writes: list[Sequence[Op]]) -> Outcomes:
 
 
 class _SyncRunner:
-    """SQLite: the batch on one dedicated thread, through the synchronous driver."""
+    """SQLite: the batch on one dedicated thread, through the synchronous driver, on one connection
+    that thread keeps open (no pool checkout and reset-on-return rollback per batch); a connection
+    that broke is replaced at the next batch."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxport-db-writer")
+        self._conn: Connection | None = None  # used on the executor's thread only
 
     def _run(self, writes: list[Sequence[Op]]) -> Outcomes:
-        with self.engine.connect() as conn:
-            return _batch(conn, writes)
+        conn = self._conn
+        if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                conn.close()
+            conn = self._conn = self.engine.connect()
+        return _batch(conn, writes)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def run(self, writes: list[Sequence[Op]]) -> Outcomes:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._run, writes)
 
     async def aclose(self) -> None:
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._close)
         await asyncio.to_thread(self.executor.shutdown, wait=True)
         self.engine.dispose()
 
