@@ -60,7 +60,9 @@ def file_create_ms(directory: Path, files: int = 200) -> float:
     return nearest_rank(times, 0.5)
 
 
-def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+def start_profile(
+    pid: int, out: Path, seconds: float, subprocesses: bool = False
+) -> subprocess.Popen[bytes] | None:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         print("note: py-spy not found; no profile", file=sys.stderr)
@@ -74,6 +76,7 @@ def start_profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes
             "-f",
             "raw",
             "--threads",
+            *(["--subprocesses"] if subprocesses else []),
             "-o",
             str(out),
             "-d",
@@ -127,7 +130,9 @@ async def bench(
                     if args.profile and path == "fluxport":
                         args.profile.mkdir(parents=True, exist_ok=True)
                         out = args.profile / f"fluxport-{clients}.txt"
-                        spy = start_profile(fluxport.proc.pid, out, ramp + args.duration)
+                        spy = start_profile(
+                            fluxport.proc.pid, out, ramp + args.duration, subprocesses=args.workers > 1
+                        )
                     phase = await run_phase(path, call, clients, args.duration, ramp, procs, seeds)
                     if spy is not None:
                         spy.wait()
@@ -199,6 +204,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, default=None, help="py-spy raw profiles of fluxport here (GIL holder only)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="fluxport serve --workers N; above 1 on a new PostgreSQL database and Redis db 15 "
+        "(127.0.0.1), its CPU summed over every worker",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
     parser.add_argument("--quick", action="store_true", help="CI: steps 1,20 and 4 s phases")
@@ -208,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = [int(s) for s in str(args.steps).split(",") if s.strip()]
     if not args.steps or min(args.steps) < 1:
         parser.error("--steps takes positive client counts, e.g. 1,50,200")
+    if args.workers < 1:
+        parser.error("--workers takes a positive number of processes")
     if args.ramp is None:
         args.ramp = args.latency
     return args
@@ -226,13 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     hop = HopProcess()
     try:
         with tempfile.TemporaryDirectory(prefix="fluxport-load-") as tmp:
-            fluxport = FluxportProcess(emulator.base_url, Path(tmp))
+            fluxport = FluxportProcess(emulator.base_url, Path(tmp), args.workers)
             try:
+                shared = f", PostgreSQL database {fluxport.database}, Redis" if fluxport.database else ""
                 print(
                     f"load benchmark: steps {args.steps}, {args.duration:g} s per phase after a "
                     f"{args.ramp:g} s staggered start; fal emulator at {emulator.base_url} "
                     f"(pid {emulator.proc.pid}, generation {args.latency:g} s); fluxport at {fluxport.url} "
-                    f"(pid {fluxport.proc.pid}); client pid {os.getpid()} ({args.client}); "
+                    f"(pid {fluxport.proc.pid}, {args.workers} worker(s){shared}); "
+                    f"client pid {os.getpid()} ({args.client}); "
                     f"creating a small file in fluxport's data dir takes {file_create_ms(Path(tmp)):.3f} ms "
                     "here (median)",
                     flush=True,

@@ -18,7 +18,7 @@ import openai
 import psutil
 from httpx_aiohttp import AiohttpTransport
 
-from bench.load.servers import DELIBERATE, FAL_ENDPOINT, KEY, MODEL, SIZE, cpu_seconds
+from bench.load.servers import DELIBERATE, FAL_ENDPOINT, KEY, MODEL, SIZE, cpu_seconds, cpu_split
 
 # One request, each way. A call returns (outcome, retry_after): outcome "ok" or an error kind.
 
@@ -227,6 +227,7 @@ class Phase:
     cpu: dict[str, float]  # process (or "others": the rest of the machine) -> cores used, on average
     loop_lag_ms: tuple[float, float]  # client event loop: p99, max
     wall_s: float = 0.0
+    fluxport_user_sys: tuple[float, float] = (0.0, 0.0)  # fluxport's CPU seconds in the phase
     peak_rss: int = 0
     polled: int = 0  # requests that polled the status URL
     stream_then_poll: int = 0  # ... after opening the status stream
@@ -327,6 +328,7 @@ async def run_phase(
 
     # The client's children are the emulator and fluxport: count its own time only.
     cpu0 = {name: cpu_seconds(p, name != "client") for name, p in procs.items()}
+    split0 = cpu_split(procs["fluxport"])
     busy0 = cpu_seconds(None)
     wall0 = time.monotonic()
     monitor = asyncio.create_task(lag_monitor())
@@ -335,9 +337,11 @@ async def run_phase(
     await monitor
     wall = time.monotonic() - wall0
     cpu = {name: (cpu_seconds(p, name != "client") - cpu0[name]) / wall for name, p in procs.items()}
+    user, system = cpu_split(procs["fluxport"])
+    split = (user - split0[0], system - split0[1])
     cpu["others"] = max(0.0, (cpu_seconds(None) - busy0) / wall - sum(cpu.values()))
     lag_ms = (nearest_rank(lags, 0.99) * 1000, max(lags, default=0.0) * 1000)
-    return Phase(path, clients, duration_s, samples, (start_at, stop_at), cpu, lag_ms, wall)
+    return Phase(path, clients, duration_s, samples, (start_at, stop_at), cpu, lag_ms, wall, split)
 
 
 async def measure_hop(

@@ -46,17 +46,24 @@ def print_step(step: Step) -> None:
     print(f"\n== {step.label}: {step.clients} concurrent client(s), {step.direct.window_s:g} s measured ==")
     head = f"{'path':<9} {'requests':>8} {'req/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
     head += (
-        f" {'429+RA':>6} {'cpu flux/emu/cli/other':>23} {'cli ms/req':>10} {'loop lag p99/max':>17}  errors"
+        f" {'429+RA':>6} {'cpu flux/emu/cli/other':>23} {'flux CPU ms/req':>15} {'user/sys':>11}"
+        f" {'emu ms/req':>10} {'cli ms/req':>10} {'loop lag p99/max':>17}  errors"
     )
     print(head)
     for phase in (step.direct, step.fluxport):
         cpu = "/".join(f"{phase.cpu.get(k, 0.0):.0%}" for k in ("fluxport", "emulator", "client", "others"))
         done = len(phase.samples) or 1
         client_ms = phase.cpu.get("client", 0.0) * phase.wall_s / done * 1000
+        user, system = (seconds / done * 1000 for seconds in phase.fluxport_user_sys)
+        # The emulator serves the same exchanges a request makes (fal: submit, status, result,
+        # download): aiohttp's server side of them, a floor for any Python client side.
+        emulator_ms = phase.cpu.get("emulator", 0.0) * phase.wall_s / done * 1000
         print(
             f"{phase.path:<9} {len(phase.ok_in_window):>8} {phase.throughput:>8.1f} "
             f"{phase.latency_ms(0.5):>9.1f} {phase.latency_ms(0.95):>9.1f} {phase.latency_ms(0.99):>9.1f} "
-            f"{phase.deliberate:>6} {cpu:>23} {client_ms:>10.2f} "
+            f"{phase.deliberate:>6} {cpu:>23} {user + system:>15.2f} {f'{user:.2f}/{system:.2f}':>11} "
+            f"{emulator_ms:>10.2f} "
+            f"{client_ms:>10.2f} "
             f"{phase.loop_lag_ms[0]:>8.1f}/{phase.loop_lag_ms[1]:<8.1f}  "
             f"{fmt_errors(phase)}"
         )

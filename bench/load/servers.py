@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -193,13 +194,37 @@ class HopProcess:
         terminate(self.proc, 15)
 
 
-class FluxportProcess:
-    """`fluxport serve` as shipped: API keys on (the default), with one key made for the clients."""
+# `--workers N` (N > 1): the shared state several workers need, on this machine's servers.
+POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432"
+POSTGRES_ADMIN_DB = "test"  # connected to only to create and drop the benchmark's own database
+REDIS = "redis://127.0.0.1:6379/15"
 
-    def __init__(self, fal_url: str, data_dir: Path) -> None:
+
+class FluxportProcess:
+    """`fluxport serve` as shipped: API keys on (the default), with one key made for the clients.
+    With `workers` > 1: `fluxport serve --workers N` on a new PostgreSQL database of its own
+    (dropped at the end) and Redis (its own key prefix), as several workers require."""
+
+    def __init__(self, fal_url: str, data_dir: Path, workers: int = 1) -> None:
         port = free_port()
-        self.key = asyncio.run(_make_key(data_dir))
+        self.workers = workers
+        self.database: str | None = None
+        shared: dict[str, str] = {}
+        if workers > 1:
+            self.database = asyncio.run(_create_database())
+            shared = {
+                "FLUXPORT_DATABASE_URL": f"{POSTGRES}/{self.database}",
+                "FLUXPORT_REDIS_URL": REDIS,
+                "FLUXPORT_REDIS_PREFIX": f"{self.database}:",
+            }
+        try:
+            url = shared.get("FLUXPORT_DATABASE_URL", f"sqlite+aiosqlite:///{data_dir / 'fluxport.db'}")
+            self.key = asyncio.run(_make_key(url))
+        except BaseException:
+            self._drop_database()
+            raise
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUXPORT_", "REPLICATE_"))}
+        env |= shared
         env |= {
             "FAL_KEY": KEY,
             "FLUXPORT_FAL_URL": fal_url,
@@ -211,8 +236,12 @@ class FluxportProcess:
         }
         self.log_path = data_dir / "fluxport.log"
         self._log = self.log_path.open("wb")
+        command = [sys.executable, "-m", "fluxport.cli", "serve", "--port", str(port)]
+        command += ["--log-level", "warning"]
+        if workers > 1:
+            command += ["--workers", str(workers)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fluxport.cli", "serve", "--port", str(port), "--log-level", "warning"],
+            command,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -237,18 +266,62 @@ class FluxportProcess:
     def stop(self) -> None:
         terminate(self.proc, 40)
         self._log.close()
+        self._drop_database()
+
+    def _drop_database(self) -> None:
+        if self.database is not None:
+            asyncio.run(_drop_database(self.database))
+            self.database = None
 
 
-async def _make_key(data_dir: Path) -> str:
+async def _make_key(database_url: str) -> str:
     from fluxport.keys import create_key
     from fluxport.storage.db import Database
 
-    db = await Database.open(f"sqlite+aiosqlite:///{data_dir / 'fluxport.db'}")
+    db = await Database.open(database_url)
     try:
         _, secret = await create_key(db, name="bench")
     finally:
         await db.close()
     return secret
+
+
+async def _admin() -> Any:
+    import asyncpg
+
+    dsn = POSTGRES.replace("postgresql+asyncpg", "postgresql") + "/" + POSTGRES_ADMIN_DB
+    try:
+        return await asyncpg.connect(dsn, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise RuntimeError(f"--workers needs PostgreSQL at {dsn}: {exc!r}") from None
+
+
+async def _create_database() -> str:
+    """A new, empty database for one run (fluxport migrates it); Redis checked on the way."""
+    import redis.asyncio as aioredis
+
+    link = aioredis.from_url(REDIS)
+    try:
+        await link.ping()
+    except (OSError, aioredis.RedisError) as exc:
+        raise RuntimeError(f"--workers needs Redis at {REDIS}: {exc!r}") from None
+    finally:
+        await link.aclose()
+    name = f"fluxport_bench_{uuid.uuid4().hex[:12]}"
+    conn = await _admin()
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def _drop_database(name: str) -> None:
+    conn = await _admin()
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 class Monitor:
@@ -283,18 +356,25 @@ class Monitor:
         self._thread.join()
 
 
-def cpu_seconds(process: psutil.Process | None, children: bool = True) -> float:
-    """CPU seconds of `process` (and its children); None: the whole machine's busy time."""
+def cpu_split(process: psutil.Process | None, children: bool = True) -> tuple[float, float]:
+    """(user, system) CPU seconds of `process` and, with `children`, of every live descendant (the
+    workers of `fluxport serve --workers N`); None: the whole machine's busy time, as user."""
     if process is None:
         t = psutil.cpu_times()
-        return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+        return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0), 0.0
     try:
         t = process.cpu_times()
-        total = t.user + t.system
+        user, system = t.user, t.system
         for child in process.children(recursive=True) if children else ():
             with contextlib.suppress(psutil.Error):
                 c = child.cpu_times()
-                total += c.user + c.system
-        return total
+                user += c.user
+                system += c.system
+        return user, system
     except psutil.Error:
-        return 0.0
+        return 0.0, 0.0
+
+
+def cpu_seconds(process: psutil.Process | None, children: bool = True) -> float:
+    """CPU seconds of `process` (and its children); None: the whole machine's busy time."""
+    return sum(cpu_split(process, children))
