@@ -110,6 +110,8 @@ class ImageJob:
     # Someone follows the step-by-step progress (playground, CLI); a plain API call does not, so
     # a hosted provider need not send its progress logs.
     report_steps: bool = True
+    # Streamed: partial images per image the provider sends while it works (0-3), where it can.
+    partial_images: int = 0
 
     def image_seed(self, index: int) -> int:
         return self.seed + index

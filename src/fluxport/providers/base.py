@@ -28,14 +28,30 @@ Stage = Literal["queued", "loading", "step", "decoding", "done"]
 
 
 @dataclass(frozen=True)
+class PartialImage:
+    """A real partial image of a job still running: the current estimate of the clean image,
+    decoded to pixels at a reduced size and encoded in the job's output format."""
+
+    image_index: int  # which image of the request (0 .. n-1)
+    partial_index: int  # 0 .. partial_images-1
+    data: bytes
+    width: int
+    height: int
+    output_format: str
+
+
+@dataclass(frozen=True)
 class ProgressEvent:
-    """Progress of one provider call: step i of N, optionally a small preview image (PNG bytes)."""
+    """Progress of one provider call: step i of N, optionally a small preview image (PNG bytes)
+    or a partial image (streamed requests)."""
 
     stage: Stage
     step: int = 0
     total: int = 0
     preview: bytes | None = None
     message: str = ""
+    partial: PartialImage | None = None
+    provider: str = ""  # set by the gateway: which provider's attempt reported it
 
 
 # Called from any thread (the device worker too); must be cheap and thread-safe.
@@ -56,6 +72,7 @@ class Capabilities:
     extras: frozenset[str] = frozenset()  # provider-specific request fields it understands
     supports_prompt_enhancement: bool = False
     supports_cfg_scale: bool = True
+    partial_images: bool = False  # sends real partial images while it works (job.partial_images)
     concurrent: bool = True  # independent calls run side by side (hosted); False for one local device
     # The size it generates for a delivered size: what is priced, ranked, dry-run, sent and billed.
     size: SizePolicy = field(default_factory=SizePolicy)

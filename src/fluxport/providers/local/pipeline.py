@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fluxport.domain.errors import FluxportError, InvalidRequest, ProviderFailure
-from fluxport.providers.base import ProgressCallback, ProgressEvent
+from fluxport.providers.base import PartialImage, ProgressCallback, ProgressEvent
+from fluxport.providers.local.partials import PartialDecoder
 from fluxport.providers.local.plan import _Plan
 from fluxport.providers.local.worker import _Cancelled, _Task
 
@@ -153,6 +154,16 @@ class _Pipelines:
 
         latent_h, latent_w = plan.height // GRID, plan.width // GRID
         every = max(1, plan.steps // 4)
+        partials: PartialDecoder | None = None
+        if job.partial_images:
+            step_now = [0, plan.steps]
+
+            def emit(partial: PartialImage) -> None:
+                progress(ProgressEvent(stage="step", step=step_now[0], total=step_now[1], partial=partial))
+
+            partials = PartialDecoder(
+                pipe, job, steps=plan.steps, width=plan.width, height=plan.height, emit=emit
+            )
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if task.cancel.is_set():
@@ -160,7 +171,10 @@ class _Pipelines:
                 raise _Cancelled
             total = p.num_timesteps
             preview = None
-            if (i + 1) % every == 0 and i + 1 < total:
+            if partials is not None:  # real partial images instead of the false-colour preview
+                step_now[:] = [i + 1, total]
+                partials.after_step(p, i, t)
+            elif (i + 1) % every == 0 and i + 1 < total:
                 preview = _preview_png(kwargs["latents"], latent_h, latent_w)
             progress(ProgressEvent(stage="step", step=i + 1, total=total, preview=preview))
             if i + 1 == total:
@@ -184,8 +198,12 @@ class _Pipelines:
             call["sigmas"] = list(plan.sigmas)
         if references:
             call["image"] = references
-        with torch.inference_mode():
-            images = pipe(**call).images
+        try:
+            with torch.inference_mode():
+                images = pipe(**call).images
+        finally:
+            if partials is not None:
+                partials.close()
         finished = time.monotonic()
         progress(ProgressEvent(stage="done", step=plan.steps, total=plan.steps))
         return _Output(

@@ -34,6 +34,10 @@ NORMALIZATION: dict[str, tuple[str, str]] = {
     "size": ("passthrough", "converted when not a multiple of 16: generated on the grid, resampled"),
     "n": ("passthrough", "batched, up to 4 per call (8 for flux.2-dummy); more by parallel calls"),
     "seed": ("passthrough", ""),
+    "partial_images": (
+        "passthrough",
+        "streamed: real partials, the clean-image estimate decoded by the VAE at up to 512 px",
+    ),
     "cfg_scale": ("renamed", "FLUX.2's embedded guidance_scale"),
     "prompt_enhancement": ("passthrough", ""),
     "image": ("passthrough", "decoded references go straight to the pipeline"),
@@ -120,6 +124,7 @@ class LocalProvider:
             extras=frozenset(extras),
             supports_prompt_enhancement=True,
             supports_cfg_scale=True,
+            partial_images=True,
             concurrent=False,  # one job at a time per device: a hedge on it would only queue
             size=SizePolicy.grid(spec.limits if spec else SizeLimits()),
             normalization=NORMALIZATION,
