@@ -183,7 +183,7 @@ def test_openai_only_fields_are_accepted_and_reported(client: openai.OpenAI) -> 
         ({"prompt": "x", "extra_body": {"prompt_enhancement": "maybe"}}, "prompt_enhancement"),
         ({"prompt": "x", "extra_body": {"num_inference_steps": 0}}, "num_inference_steps"),
         ({"prompt": "x", "background": "transparent"}, "background"),
-        ({"prompt": "x", "stream": True}, "stream"),
+        ({"prompt": "x", "stream": True, "partial_images": 9}, "partial_images"),
     ],
 )
 def test_bad_parameters_are_400_naming_the_field(

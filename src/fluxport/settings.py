@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         "(kill -9 safe either way; a file torn by a power cut in between is removed at start).",
     )
     image_ttl_s: int = Field(default=24 * 3600, ge=1, description="How long image links (url) stay valid.")
+    stream_keepalive_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Streamed requests: an SSE comment after this many seconds without an event, so "
+        "proxies keep the connection open while a provider works.",
+    )
     idempotency_ttl_s: int = Field(
         default=24 * 3600, ge=60, description="How long Idempotency-Key answers are kept."
     )

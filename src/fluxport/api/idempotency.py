@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -18,8 +19,11 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from fluxport.api.auth import calling_key
+from fluxport.api.streaming import ImageEventStream
 from fluxport.domain.errors import FluxportError, IdempotencyConflict, InvalidRequest
 from fluxport.storage.db import Database, IdempotencyRow
+
+log = logging.getLogger("fluxport.idempotency")
 
 HEADER = "idempotency-key"
 MAX_KEY_CHARS = 255
@@ -45,6 +49,7 @@ class Idempotency:
         self.stale_after_s = stale_after_s
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._purged_at = 0.0
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def run(self, request: Request, handler: Handler) -> Response:
         key = request.headers.get(HEADER)
@@ -100,6 +105,7 @@ class Idempotency:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[slot] = done
         owner, key = slot
+        streaming = False
         try:
             try:
                 response = await handler()
@@ -118,6 +124,13 @@ class Idempotency:
             except BaseException:
                 await asyncio.shield(self.db.release_idempotency(owner, key))
                 raise
+            if isinstance(response, ImageEventStream):
+                # Streamed: the answer is kept once the work ends (the client may be gone by then).
+                streaming = True
+                task = asyncio.create_task(self._keep_stream(slot, response, done))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+                return response
             if _kept(response.status_code) and isinstance(response, JSONResponse):
                 headers = {k: v for k, v in response.headers.items() if k.lower() not in _SKIP_HEADERS}
                 await self.db.finish_idempotency(
@@ -130,6 +143,28 @@ class Idempotency:
             else:
                 await self.db.release_idempotency(owner, key)
             return response
+        finally:
+            if not streaming:
+                self._inflight.pop(slot, None)
+                done.set_result(None)
+
+    async def _keep_stream(
+        self, slot: tuple[str, str], response: ImageEventStream, done: asyncio.Future[None]
+    ) -> None:
+        """Store a streamed request's completed events for the retry (a replay is the completed
+        events, without the partials), or release the key when the request failed."""
+        owner, key = slot
+        try:
+            body = await asyncio.shield(response.final)
+            if body is None:
+                await self.db.release_idempotency(owner, key)
+            else:
+                headers = {k: v for k, v in response.headers.items() if k.lower() not in _SKIP_HEADERS}
+                await self.db.finish_idempotency(
+                    owner, key, status_code=200, headers=headers, body=body.decode("utf-8")
+                )
+        except Exception:
+            log.exception("the streamed answer for Idempotency-Key %r could not be kept", key)
         finally:
             self._inflight.pop(slot, None)
             done.set_result(None)

@@ -26,6 +26,7 @@ from fluxport.api.protocol import (
     load_json,
     parse_image_request,
 )
+from fluxport.api.streaming import stream_images
 from fluxport.domain.errors import (
     ClientDisconnected,
     FluxportError,
@@ -74,7 +75,7 @@ async def generations(request: Request) -> Response:
     return await idempotency(request).run(request, lambda: _generate(request))
 
 
-async def _generate(request: Request) -> JSONResponse:
+async def _generate(request: Request) -> Response:
     service = _service(request)
     data: Any = None
     key_id = _key_id(request)
@@ -133,7 +134,7 @@ async def edits(request: Request) -> Response:
     return await idempotency(request).run(request, lambda: _edit(request))
 
 
-async def _edit(request: Request) -> JSONResponse:
+async def _edit(request: Request) -> Response:
     service = _service(request)
     fields: dict[str, Any] = {}
     key_id = _key_id(request)
@@ -161,7 +162,10 @@ async def _check_budget(request: Request, prepared: PreparedRequest) -> None:
         await key_auth(request).check_budget(calling_key(request))
 
 
-async def _run(request: Request, service: ImageService, prepared: PreparedRequest) -> JSONResponse:
+async def _run(request: Request, service: ImageService, prepared: PreparedRequest) -> Response:
+    if prepared.request.stream:
+        prefix = "image_edit" if prepared.job.operation is Operation.EDIT else "image_generation"
+        return await stream_images(request, service, prepared, prefix)
     if prepared.request.dry_run:
         estimate = await service.dry_run(prepared)
         body = {

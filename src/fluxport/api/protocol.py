@@ -26,7 +26,6 @@ OPENAI_ONLY_FIELDS = frozenset(
         "safety_identifier",
         "input_fidelity",
         "complexity",
-        "partial_images",
         "frame_count",
         "frame_duration_ms",
     }
@@ -56,7 +55,15 @@ class ImageRequest(BaseModel):
     output_compression: int | None = Field(
         default=None, ge=0, le=100, description="Quality for lossy formats."
     )
-    stream: bool | None = None
+    stream: bool | None = Field(
+        default=None, description="Server-Sent Events: partial images as they come, then each image."
+    )
+    partial_images: int | None = Field(
+        default=None,
+        ge=0,
+        le=3,
+        description="With stream: partials per image, 0-3 (0: the final only).",
+    )
     background: Literal["transparent", "opaque", "auto"] | None = None
     # Routing (fluxport): an explicit provider order, a strategy, hedging, or a cost estimate only.
     provider: str | list[str] | None = Field(
@@ -94,9 +101,12 @@ class ImageRequest(BaseModel):
 
     @property
     def ignored(self) -> list[str]:
-        return sorted(
+        ignored = [
             k for k, v in (self.model_extra or {}).items() if k in OPENAI_ONLY_FIELDS and v is not None
-        )
+        ]
+        if self.partial_images is not None and not self.stream:  # OpenAI: it is for streaming only
+            ignored.append("partial_images")
+        return sorted(ignored)
 
     def to_params(self) -> ImageParams:
         """The gateway's view of this body: the parameters, without the wire model."""
@@ -114,6 +124,7 @@ class ImageRequest(BaseModel):
             output_format=self.output_format,
             output_compression=self.output_compression,
             stream=bool(self.stream),
+            partial_images=self.partial_images,
             background=self.background,
             provider=self.provider,
             strategy=self.strategy,

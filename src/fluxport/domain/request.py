@@ -28,6 +28,7 @@ class ImageParams:
     output_format: str | None = None
     output_compression: int | None = None
     stream: bool = False
+    partial_images: int | None = None  # streamed partial images per image, 0-3 (with stream)
     background: str | None = None
     provider: str | list[str] | None = None  # an explicit provider order
     strategy: str | None = None

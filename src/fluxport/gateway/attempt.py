@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fluxport.domain.errors import FluxportError, ProviderFailure
 from fluxport.domain.job import ImageJob
@@ -17,6 +18,7 @@ from fluxport.providers.base import (
     Behaviour,
     BilledCancellation,
     ProgressCallback,
+    ProgressEvent,
     Provider,
     ProviderResult,
 )
@@ -49,9 +51,13 @@ class Attempts:
         calls = self.planner.slices(provider, p.job)
         costs = [self.planner.call_cost(provider, call) for call in calls]
         started = time.monotonic() - t0
+        progress(ProgressEvent(stage="queued", provider=provider.name, message=f"on {provider.name}"))
+        offsets = itertools.accumulate((call.n for call in calls), initial=0)
         tasks = [
-            asyncio.create_task(self._call(provider, call, cost, progress, ledger))
-            for call, cost in zip(calls, costs, strict=True)
+            asyncio.create_task(
+                self._call(provider, call, cost, _tagged(progress, provider.name, offset), ledger)
+            )
+            for call, cost, offset in zip(calls, costs, offsets, strict=False)
         ]
         try:
             results = await asyncio.gather(*tasks)
@@ -152,3 +158,16 @@ class Attempts:
             job.model, provider.name, "succeeded", time.monotonic() - t, result.billed_usd
         )
         return result
+
+
+def _tagged(progress: ProgressCallback, provider: str, offset: int) -> ProgressCallback:
+    """`progress` for one call: its events name the provider, and its partial images are numbered
+    among the request's images (the call makes images offset .. offset + call.n - 1)."""
+
+    def report(event: ProgressEvent) -> None:
+        partial = event.partial
+        if partial is not None and offset:
+            partial = replace(partial, image_index=partial.image_index + offset)
+        progress(replace(event, provider=provider, partial=partial))
+
+    return report

@@ -151,6 +151,8 @@ def _report(p: PreparedRequest, caps: Capabilities, result: ProviderResult) -> d
             "output_compression", Behaviour.PASSTHROUGH.value if native else Behaviour.CONVERTED.value
         )
     report["response_format"] = Behaviour.EMULATED.value
+    if job.partial_images:
+        report["partial_images"] = partial_images_behaviour(caps)
     report.setdefault("n", Behaviour.PASSTHROUGH.value)
     for name in req.ignored:
         report[name] = "ignored"
@@ -159,3 +161,9 @@ def _report(p: PreparedRequest, caps: Capabilities, result: ProviderResult) -> d
 
 def _seed_of(img: GeneratedImage, job: ImageJob, index: int) -> int | None:
     return img.seed if img.seed is not None else job.image_seed(index)
+
+
+def partial_images_behaviour(caps: Capabilities) -> str:
+    """How a streamed request's partial_images reach a provider: passthrough where it sends real
+    partial images, emulated (as 0: only the completed images) where it cannot."""
+    return Behaviour.PASSTHROUGH.value if caps.partial_images else Behaviour.EMULATED.value

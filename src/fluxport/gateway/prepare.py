@@ -77,8 +77,10 @@ class Preparer:
                 f"'prompt' is {len(prompt)} characters; the maximum is {self.settings.max_prompt_chars}.",
                 param="prompt",
             )
-        if req.stream:
-            raise InvalidRequest("Streaming is not supported yet; omit 'stream'.", param="stream")
+        if req.stream and req.dry_run:
+            raise InvalidRequest(
+                "A dry run is answered at once, not streamed; omit 'stream'.", param="stream"
+            )
         if req.background == "transparent":
             raise InvalidRequest("FLUX.2 cannot make transparent backgrounds.", param="background")
         self._check_extras(req.extras)
@@ -118,6 +120,7 @@ class Preparer:
             response_format=req.response_format or "url",
             references=tuple(references),
             extras=req.extras,
+            partial_images=(req.partial_images or 0) if req.stream else 0,
         )
         explicit = self._explicit(spec, req.provider, candidates)
         if explicit is not None:
@@ -142,6 +145,8 @@ class Preparer:
             "hedge": req.hedge,
             "ignored": list(req.ignored),
         }
+        if req.stream:
+            record["stream"] = {"partial_images": job.partial_images}
         return PreparedRequest(job, spec, providers, decision, req, record, explicit, api_key_id)
 
     def _explicit(

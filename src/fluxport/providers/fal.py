@@ -68,6 +68,7 @@ NORMALIZATION: dict[str, tuple[str, str]] = {
     "size": ("renamed", "image_size {width, height}; converted outside 512-2048 px"),
     "n": ("renamed", "num_images, up to 4 per call; more by parallel calls (emulated)"),
     "seed": ("passthrough", ""),
+    "partial_images": ("emulated", "as 0: no pixels before the result; the completed image is streamed"),
     "cfg_scale": ("renamed", "guidance_scale"),
     "prompt_enhancement": ("renamed", "enable_prompt_expansion"),
     "image": ("converted", "data URIs in image_urls, on the /edit endpoint"),

@@ -74,6 +74,7 @@ NORMALIZATION: dict[str, tuple[str, str]] = {
     "size": ("converted", "aspect_ratio, or custom width/height (256-1440 px, multiples of 32)"),
     "n": ("emulated", "one image per prediction: parallel predictions"),
     "seed": ("passthrough", ""),
+    "partial_images": ("emulated", "as 0: no pixels before the result; the completed image is streamed"),
     "cfg_scale": ("unsupported", "requests that set it go to another provider"),
     "prompt_enhancement": ("unsupported", "requests that set it go to another provider"),
     "image": ("converted", "data URIs in input_images"),
