@@ -5,6 +5,8 @@ Screenshots go to test-artifacts/web/ (git-ignored); look at them after a change
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -17,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from fluxport.domain.errors import RateLimited
 from fluxport.domain.job import ImageJob, Operation, ReferenceImage, Size
@@ -199,6 +202,12 @@ def test_playground_job_streams_progress_then_the_result(web: LiveServer) -> Non
     assert kinds[-1] == "result" and "error" not in kinds
     steps = [d for k, d in events if k == "progress" and d["stage"] == "step"]
     assert steps and all(1 <= d["step"] <= d["total"] for d in steps)  # bursts may be coalesced
+    # Real partial images, as the streamed API makes them (the latest one if several came at once).
+    partials = [d for k, d in events if k == "partial"]
+    assert partials and all(0 <= d["index"] < d["of"] == 3 for d in partials)
+    head, data = partials[-1]["image"].split(",", 1)
+    assert head == "data:image/webp;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).size == (256, 256)
     result = events[-1][1]
     assert result["provider"] == "local" and result["size"] == "256x256"
     assert result["cost_usd"] == 0.0 and result["latency_ms"] > 0
@@ -404,6 +413,9 @@ def test_browser_playground_generates_with_visible_progress(web: LiveServer, pag
     image.wait_for(state="visible", timeout=120_000)
     page.wait_for_function("() => document.querySelector('#result img').naturalWidth === 256")
     assert page.locator("#progress-box").is_hidden()
+    # The partial images came on the way (the last one stays behind the result).
+    assert (page.locator("#preview").get_attribute("src") or "").startswith("data:image/webp;base64,")
+    assert (page.locator("#preview").get_attribute("alt") or "").startswith("Partial image")
     assert page.locator('dd[data-k="provider"]').inner_text() == "local"
     assert page.locator('dd[data-k="size"]').inner_text() == "256x256"
     assert page.locator('dd[data-k="cost"]').inner_text() == "free"

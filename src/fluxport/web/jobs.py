@@ -21,6 +21,9 @@ class PlaygroundJob:
     operation: str
     started: float = field(default_factory=time.monotonic)
     progress: dict[str, Any] | None = None
+    # The latest partial image, apart from the progress so that step events never coalesce it away.
+    partial: dict[str, Any] | None = None
+    partial_version: int = 0
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     finished_at: float | None = None
@@ -36,6 +39,12 @@ class PlaygroundJob:
     def set_progress(self, payload: dict[str, Any]) -> None:
         if self.finished_at is None:
             self.progress = payload
+            self._bump()
+
+    def set_partial(self, payload: dict[str, Any]) -> None:
+        if self.finished_at is None:
+            self.partial = payload
+            self.partial_version += 1
             self._bump()
 
     def finish(self, result: dict[str, Any] | None, error: dict[str, Any] | None) -> None:

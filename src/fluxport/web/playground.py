@@ -33,6 +33,7 @@ router = APIRouter(include_in_schema=False)
 
 PLAYGROUND_FIELDS = ("prompt", "model", "size", "aspect_ratio", "resolution", "seed", "n", "output_format")
 MAX_PLAYGROUND_FILES = 4
+PARTIALS = 3  # partial images per playground job, where the provider makes them
 
 
 def _available(service: ImageService) -> list[ModelSpec]:
@@ -146,7 +147,9 @@ async def _read_form(request: Request, service: ImageService) -> tuple[dict[str,
 
 
 def _request_fields(values: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {**values, "response_format": "url"}
+    # Partial images as the streamed API sends them: real ones where the provider makes them (the
+    # local provider), shown in place of the preview as they come.
+    fields: dict[str, Any] = {**values, "response_format": "url", "stream": True, "partial_images": PARTIALS}
     for name in ("seed", "n"):
         if name in fields:
             with contextlib.suppress(ValueError):  # else left as text: validation names the field
@@ -178,6 +181,20 @@ async def _start(
             "total": event.total,
             "message": event.message,
         }
+        partial = event.partial
+        if partial is not None:
+            if partial.image_index == 0:  # one image's partials: the first image's
+                shown = {
+                    "image": f"data:image/{partial.output_format};base64,"
+                    + base64.b64encode(partial.data).decode("ascii"),
+                    "index": partial.partial_index,
+                    "of": PARTIALS,
+                    "step": event.step,
+                    "total": event.total,
+                }
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(job.set_partial, shown)
+            return
         if event.preview:
             payload["preview"] = "data:image/png;base64," + base64.b64encode(event.preview).decode("ascii")
         with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown): nobody listens
@@ -272,16 +289,21 @@ def _no_job() -> FluxportError:
 
 @router.get("/playground/api/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
-    """Server-Sent Events: `progress` (stage, step i of N, optional preview), then `result` or `error`."""
+    """Server-Sent Events: `progress` (stage, step i of N, optional preview), `partial` (a real
+    partial image: the local provider's, as the streamed API sends them), then `result` or `error`."""
     job = _jobs(request).get(job_id)
     if job is None:
         raise _no_job()
 
     async def stream() -> AsyncIterator[str]:
         seen = -1
+        seen_partial = 0
         yield "retry: 2000\n\n"
         while True:
             version = job.version
+            if job.partial_version != seen_partial and job.partial is not None:
+                seen_partial = job.partial_version
+                yield f"event: partial\ndata: {json.dumps(job.partial)}\n\n"
             if job.finished_at is not None:
                 kind, data = ("error", {"error": job.error}) if job.error else ("result", job.result)
                 yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"

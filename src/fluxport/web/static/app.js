@@ -107,6 +107,12 @@ function playground(form) {
         preview.hidden = false;
       }
     });
+    source.addEventListener("partial", (e) => {
+      const p = JSON.parse(e.data);
+      preview.src = p.image;
+      preview.alt = `Partial image ${p.index + 1} of ${p.of}, after step ${p.step} of ${p.total}`;
+      preview.hidden = false;
+    });
     source.addEventListener("result", (e) => {
       source.close();
       source = null;
