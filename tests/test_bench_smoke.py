@@ -33,3 +33,29 @@ def test_load_benchmark_quick_runs_and_prints_its_table() -> None:
     assert "creating a small file in fluxport's data dir takes" in out
     assert "one extra HTTP hop alone" in out and "fluxport's own share of the added p50" in out
     assert "targets (" in out and "fluxport peak RSS <= 500 MiB" in out
+
+
+def test_ttfb_benchmark_quick_runs_and_prints_its_table() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUXPORT_", "FAL_", "REPLICATE_"))}
+    done = subprocess.run(
+        [sys.executable, "bench/ttfb.py", "--quick", "--steps", "4", "--partials", "0,2"],
+        cwd=ROOT,
+        env=env | {"HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{out[-3000:]}\n{done.stderr[-3000:]}"
+    assert "flux.2-dummy at 512x512, 4 steps, medians of 2 runs" in out, out
+    rows = {
+        line.split("  ")[0]: line.split()
+        for line in out.splitlines()
+        if line.startswith(("unstreamed", "stream"))
+    }
+    assert set(rows) == {"unstreamed", "stream, partial_images=0", "stream, partial_images=2"}, out
+    two = rows["stream, partial_images=2"]
+    # headers, first partial, "p0 / p1", completed, per partial: every figure printed.
+    assert len(two) == 9 and two[5] == "/", out
+    headers, first, second, completed = (float(two[i]) for i in (2, 3, 6, 7))
+    assert 0 < headers <= first <= second <= completed, out
