@@ -350,6 +350,24 @@ def test_a_stream_that_fails_over_ends_in_one_image_billed_once(
     assert row.cost_usd == pytest.approx(done["usage"]["cost_usd"])
 
 
+def test_leaving_a_hosted_stream_cancels_the_job_upstream(hosted: LiveServer, fal: FalEmulator) -> None:
+    cancels = len(fal.requests_to("PUT", "/cancel"))
+    prompt = "left while fal works"
+    body = {"model": "flux.2-dev", "prompt": prompt, "size": "512x512", "stream": True, "provider": "fal"}
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{hosted.api}/images/generations", json=body) as r,
+    ):
+        for line in r.iter_lines():
+            if line.startswith(":"):
+                break  # a keep-alive while fal works: hang up
+        else:
+            pytest.fail("the stream ended before a keep-alive")
+    row, attempts, images = records(hosted, prompt=prompt)
+    assert row.status == "cancelled" and images == [] and [a.status for a in attempts] == ["cancelled"]
+    assert len(fal.requests_to("PUT", "/cancel")) == cancels + 1
+
+
 def test_an_error_after_the_stream_began_is_raised_by_the_sdk(hosted: LiveServer, fal: FalEmulator) -> None:
     fal.script(Fault(FaultKind.SERVER_ERROR), Fault(FaultKind.SERVER_ERROR), Fault(FaultKind.SERVER_ERROR))
     stream = hosted.client().images.generate(
