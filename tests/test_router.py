@@ -102,3 +102,24 @@ def test_hedge_after_the_configured_percentile(percentile: float, expected: floa
     assert router.hedge_after("fal", "m") is None
     router.seed("fal", "m", [(True, float(s)) for s in range(1, 11)] + [(False, 99.0)] * 5)
     assert router.hedge_after("fal", "m") == expected
+
+
+def test_calls_in_flight_stretch_a_known_capacity() -> None:
+    router, _ = make()
+    for name in ("gpu-a", "gpu-b"):
+        router.seed(name, "m", [(True, 2.0)] * 10)
+    caps = {"gpu-a": 2, "gpu-b": 2}
+    prices = {"gpu-a": 0.0, "gpu-b": 0.0}
+    assert [c.name for c in router.rank("m", prices, Strategy.FASTEST, capacities=caps)] == ["gpu-a", "gpu-b"]
+    router.begin("gpu-a", 2)  # both of gpu-a's slots busy: a new request waits about one more p50
+    ranked = router.rank("m", prices, Strategy.FASTEST, capacities=caps)
+    assert [c.name for c in ranked] == ["gpu-b", "gpu-a"]
+    assert ranked[1].expected_s == pytest.approx(2 * ranked[0].expected_s)
+    # Latency counts too: a busy upstream at 2 s (4 s expected) beats an idle one at 5 s.
+    router.seed("gpu-b", "m", [(True, 5.0)] * 30)
+    assert router.rank("m", prices, Strategy.FASTEST, capacities=caps)[0].name == "gpu-a"
+    router.end("gpu-a", 2)
+    assert router.in_flight("gpu-a") == 0
+    # Without a capacity (fal, Replicate) the calls in flight change nothing.
+    router.begin("gpu-a", 50)
+    assert router.rank("m", prices, Strategy.FASTEST)[0].name == "gpu-a"

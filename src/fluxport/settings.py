@@ -5,8 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+RESERVED_PROVIDER_NAMES = frozenset({"local", "fal", "replicate"})
+
+
+class UpstreamConfig(BaseModel):
+    """One server that speaks OpenAI's Images API (another fluxport, SGLang-Diffusion, vLLM-Omni,
+    a Ray Serve deployment): a provider named `name`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="The provider's name (provider=...).")
+    base_url: str = Field(pattern=r"^https?://", description="Its API root, e.g. http://10.0.0.5:8000/v1.")
+    api_key: str | None = Field(default=None, repr=False, description="Sent as Authorization: Bearer.")
+    models: dict[str, str] = Field(
+        min_length=1, description="fluxport model id -> the model name the upstream serves it as."
+    )
+    price_per_mp: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="USD per megapixel.")
+    max_concurrency: int = Field(default=4, ge=1, le=1024, description="Requests in flight at most.")
+    max_images_per_call: int = Field(default=4, ge=1, le=10, description="Largest n it takes in one call.")
+    output_formats: tuple[Literal["png", "jpeg", "webp"], ...] = Field(
+        default=("png",), min_length=1, description="Formats it encodes itself (sent as output_format)."
+    )
+    timeout_s: float = Field(default=600.0, gt=0, description="Longest one call may take.")
 
 
 class Settings(BaseSettings):
@@ -185,6 +217,45 @@ class Settings(BaseSettings):
         Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[^/\s]+/[^\s]+$")],
         Annotated[float, Field(ge=0, allow_inf_nan=False)],
     ] = Field(default_factory=dict, description="Per-megapixel prices by provider/model.")
+
+    # OpenAI-compatible upstreams, each a provider: a JSON list (FLUXPORT_UPSTREAMS) or a file
+    # holding the same list (FLUXPORT_UPSTREAMS_FILE).
+    upstreams: list[UpstreamConfig] = Field(
+        default_factory=list, description="OpenAI Images API servers to route to, each a provider."
+    )
+    upstreams_file: Path | None = Field(
+        default=None, description="A JSON file with the upstreams list (instead of FLUXPORT_UPSTREAMS)."
+    )
+
+    @model_validator(mode="after")
+    def _upstreams(self) -> Settings:
+        if self.upstreams_file is not None:
+            if self.upstreams:
+                raise ValueError("set FLUXPORT_UPSTREAMS or FLUXPORT_UPSTREAMS_FILE, not both")
+            import json
+
+            from pydantic import TypeAdapter
+
+            try:
+                raw = json.loads(self.upstreams_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"FLUXPORT_UPSTREAMS_FILE {self.upstreams_file}: {exc}") from None
+            self.upstreams = TypeAdapter(list[UpstreamConfig]).validate_python(raw)
+        names = [u.name for u in self.upstreams]
+        for name in names:
+            if name in RESERVED_PROVIDER_NAMES:
+                raise ValueError(f"upstream name {name!r} is a built-in provider's; choose another")
+            if names.count(name) > 1:
+                raise ValueError(f"upstream name {name!r} is used twice")
+        from fluxport.catalog import MODELS  # data only
+
+        for upstream in self.upstreams:
+            unknown = sorted(set(upstream.models) - set(MODELS))
+            if unknown:
+                raise ValueError(
+                    f"upstream {upstream.name!r} names unknown models {unknown}; known: {sorted(MODELS)}"
+                )
+        return self
 
     @field_validator("blob_url")
     @classmethod

@@ -35,6 +35,7 @@ can read the seed back from the pixels.
 """
 
 from tests.emulators.fal import FalEmulator
+from tests.emulators.openai_images import OpenAIImagesEmulator
 from tests.emulators.replicate import ReplicateEmulator
 from tests.emulators.server import (
     BillingEntry,
@@ -57,6 +58,7 @@ __all__ = [
     "Fault",
     "FaultKind",
     "Latency",
+    "OpenAIImagesEmulator",
     "RecordedRequest",
     "ReplicateEmulator",
     "seed_colour",

@@ -32,7 +32,7 @@ from fluxport.live import LiveState
 from fluxport.memory import release_forever
 from fluxport.metrics import Metrics
 from fluxport.providers.local import LocalProvider
-from fluxport.providers.registry import build_providers
+from fluxport.providers.registry import build_providers, model_providers
 from fluxport.settings import Settings
 from fluxport.storage.blobs import open_blob_store
 from fluxport.storage.db import Database
@@ -226,7 +226,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             service.router.seed(provider_name, model, outcomes)
         # Rate limits and the hosted providers' breakers: this process's, or shared through Redis.
         live = app.state.live = LiveState.from_settings(settings)
-        hosted = {(name, spec.id) for spec in MODELS.values() for name in spec.providers if name in providers}
+        hosted = {
+            (name, spec.id)
+            for spec in MODELS.values()
+            for name in model_providers(spec, providers)
+            if name in providers
+        }
         await live.start(service.router, sorted(hosted))
         local = providers.get("local")
         if isinstance(local, LocalProvider):

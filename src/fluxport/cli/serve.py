@@ -208,9 +208,12 @@ def _or(items: list[str]) -> str:
 
 def _states(spec: ModelSpec, providers: Mapping[str, Provider]) -> list[tuple[str, ProviderState]]:
     """Each provider of `spec` with its state; a provider not built is not configured."""
+    from fluxport.providers.registry import model_providers
+
     missing = ProviderState(False, "not available in this installation")
     return [
-        (name, providers[name].state(spec.id) if name in providers else missing) for name in spec.providers
+        (name, providers[name].state(spec.id) if name in providers else missing)
+        for name in model_providers(spec, providers)
     ]
 
 
@@ -223,12 +226,13 @@ def _show_models(providers: Mapping[str, Provider], default: str) -> None:
     for spec in MODELS.values():
         notes = [n for n, on in (("noise", spec.noise), ("default", spec.id == default)) if on]
         label = spec.id + (f" [yellow]({', '.join(notes)})[/]" if notes else "")
-        for i, (name, state) in enumerate(_states(spec, providers)):
+        states = _states(spec, providers)
+        for i, (name, state) in enumerate(states):
             # The local provider's install hint already says "not configured: ".
             detail = escape(state.detail.removeprefix("not configured: "))
             text = (
                 f"[green]configured[/]: {detail}" if state.configured else f"[dim]not configured: {detail}[/]"
             )
-            table.add_row(label if i == 0 else "", name, text, end_section=i == len(spec.providers) - 1)
+            table.add_row(label if i == 0 else "", name, text, end_section=i == len(states) - 1)
     console.print(table)
     console.print(f"[yellow]{NOISE_NOTE}[/]")

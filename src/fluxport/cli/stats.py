@@ -36,7 +36,7 @@ async def _stats_tables(models: list[str], window_days: int) -> list[Table]:
     from datetime import timedelta
 
     from fluxport.gateway.stats import provider_stats
-    from fluxport.providers.registry import listed_rate
+    from fluxport.providers.registry import listed_providers, listed_rate
     from fluxport.storage.db import Database
 
     settings = Settings()
@@ -46,7 +46,7 @@ async def _stats_tables(models: list[str], window_days: int) -> list[Table]:
         for model_id in models:
             spec = MODELS[model_id]
             rows = await provider_stats(
-                db, model_id, providers=spec.providers, window=timedelta(days=window_days)
+                db, model_id, providers=listed_providers(spec, settings), window=timedelta(days=window_days)
             )
             # Fastest median first; then providers that only failed; then those without data.
             rows.sort(key=lambda r: (r.requests == 0, r.p50_ms is None, r.p50_ms or 0.0))

@@ -85,6 +85,8 @@ class Dispatcher:
                     loop.call_soon_threadsafe(on_decoded)  # local providers report from a thread
 
             task = asyncio.create_task(self.attempts.attempt(provider, p, on_progress, t0, ledger))
+            self.router.begin(provider.name, calls)
+            task.add_done_callback(lambda _: self.router.end(provider.name, calls))
             running[task] = (provider, time.monotonic())
 
         def admitted_next() -> Provider | None:

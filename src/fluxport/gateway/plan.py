@@ -74,7 +74,8 @@ class Planner:
         by_name = {prov.name: prov for prov in p.providers}
         prices = {name: self.estimate(prov, p.job).cost_usd for name, prov in by_name.items()}
         strategy = Strategy(p.request.strategy or self.settings.router_strategy)
-        ranked = self.router.rank(p.job.model, prices, strategy, p.explicit)
+        capacities = {name: prov.capabilities(p.job.model).capacity for name, prov in by_name.items()}
+        ranked = self.router.rank(p.job.model, prices, strategy, p.explicit, capacities)
         return [(by_name[c.name], c.price_usd) for c in ranked]
 
 

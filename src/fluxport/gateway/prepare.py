@@ -16,6 +16,7 @@ from fluxport.domain.request import ImageParams
 from fluxport.domain.sizing import decide_size
 from fluxport.gateway.types import PreparedRequest
 from fluxport.providers.base import Provider, ProviderState
+from fluxport.providers.registry import model_providers
 from fluxport.settings import Settings
 
 MAX_REFERENCES = 4
@@ -43,7 +44,7 @@ class Preparer:
 
     def provider_states(self, spec: ModelSpec) -> list[tuple[str, ProviderState]]:
         states = []
-        for name in spec.providers:
+        for name in model_providers(spec, self.providers):
             provider = self.providers.get(name)
             if provider is None:
                 states.append((name, ProviderState(False, f"the {name} provider is not installed")))
@@ -161,9 +162,10 @@ class Preparer:
             raise InvalidRequest("'provider' must name one or more different providers.", param="provider")
         ready = {prov.name for prov in configured}
         for name in names:
-            if name not in spec.providers:
+            known = model_providers(spec, self.providers)
+            if name not in known:
                 raise InvalidRequest(
-                    f"{spec.id} has no provider '{name}'; its providers are {', '.join(spec.providers)}.",
+                    f"{spec.id} has no provider '{name}'; its providers are {', '.join(known)}.",
                     param="provider",
                 )
             if name not in ready:

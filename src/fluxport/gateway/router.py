@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -107,6 +107,7 @@ class Router:
         self.settings = settings
         self.clock = clock
         self._health: dict[tuple[str, str], Health] = {}
+        self._in_flight: dict[str, int] = {}  # provider -> calls running now (this process's)
         self.listener: BreakerListener | None = None
 
     def health(self, provider: str, model: str) -> Health:
@@ -189,13 +190,31 @@ class Router:
         """A probe ended without an outcome (cancelled): let the next request probe instead."""
         self.health(provider, model).probing = False
 
+    def begin(self, provider: str, calls: int = 1) -> None:
+        """`calls` calls started on `provider` (its load, for providers with a known capacity)."""
+        self._in_flight[provider] = self._in_flight.get(provider, 0) + calls
+
+    def end(self, provider: str, calls: int = 1) -> None:
+        self._in_flight[provider] = max(0, self._in_flight.get(provider, 0) - calls)
+
+    def in_flight(self, provider: str) -> int:
+        return self._in_flight.get(provider, 0)
+
     # -- decisions --------------------------------------------------------------------------------
 
-    def candidate(self, provider: str, model: str, price_usd: float) -> Candidate:
+    def candidate(
+        self, provider: str, model: str, price_usd: float, capacity: int | None = None
+    ) -> Candidate:
+        """With a `capacity` (an upstream's max_concurrency), the calls it already runs stretch the
+        expected time: a server busy with all its slots makes a new request wait about one more p50.
+        So several upstreams serving one model share the load by in-flight count and latency."""
         h = self.health(provider, model)
         p50 = h.quantile(0.5) or PRIOR_SECONDS
         rate = h.success_rate()
-        return Candidate(provider, price_usd, p50 / max(rate, 0.05), rate, p50, self.breaker(provider, model))
+        expected = p50 / max(rate, 0.05)
+        if capacity:
+            expected *= 1.0 + self.in_flight(provider) / capacity
+        return Candidate(provider, price_usd, expected, rate, p50, self.breaker(provider, model))
 
     def rank(
         self,
@@ -203,6 +222,7 @@ class Router:
         prices: dict[str, float],
         strategy: Strategy,
         explicit: Sequence[str] | None = None,
+        capacities: Mapping[str, int | None] | None = None,
     ) -> list[Candidate]:
         """Providers best first. `prices` holds every able provider's estimated cost for the request.
 
@@ -211,7 +231,8 @@ class Router:
         balanced = expected seconds to success + cost weight × expected dollars; fastest = expected
         seconds; cheapest = price, then expected seconds.
         """
-        cands = {name: self.candidate(name, model, price) for name, price in prices.items()}
+        room = capacities or {}
+        cands = {name: self.candidate(name, model, price, room.get(name)) for name, price in prices.items()}
         if explicit:
             return [cands[name] for name in explicit if name in cands]
         weight = self.settings.router_cost_weight

@@ -313,7 +313,7 @@ class Http:
         *,
         headers: Mapping[str, str],
         timeout_s: float | None = None,
-        body: bytes | None = None,
+        body: bytes | aiohttp.FormData | None = None,
     ) -> Reply:
         """One exchange, its whole answer read; TRANSPORT_ERRORS when it fails."""
         async with self.session.request(
@@ -334,11 +334,12 @@ class Http:
         idempotent: bool,
         headers: Mapping[str, str],
         json: Any = None,
+        form: aiohttp.FormData | None = None,
         timeout_s: float | None = None,
     ) -> Reply:
         """One call; 429 is retried after Retry-After, then raised as RateLimited; transport faults,
         timeouts and 5xx become ProviderFailure. Any other status is returned for the caller to map."""
-        body = None
+        body: bytes | aiohttp.FormData | None = form
         if json is not None:
             body = _dumps(json)
             headers = {**headers, "Content-Type": "application/json"}

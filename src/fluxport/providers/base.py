@@ -74,6 +74,9 @@ class Capabilities:
     supports_cfg_scale: bool = True
     partial_images: bool = False  # sends real partial images while it works (job.partial_images)
     concurrent: bool = True  # independent calls run side by side (hosted); False for one local device
+    # Calls it serves at once (an upstream's max_concurrency): the router weighs its in-flight
+    # calls against it; None for providers whose capacity is not ours to know (fal, Replicate).
+    capacity: int | None = None
     # The size it generates for a delivered size: what is priced, ranked, dry-run, sent and billed.
     size: SizePolicy = field(default_factory=SizePolicy)
     # How each client parameter reaches it, for the model pages: param -> (behaviour, note). What

@@ -15,6 +15,7 @@ from fluxport.domain.job import Size
 from fluxport.domain.sizing import tier_size
 from fluxport.gateway.service import ImageService
 from fluxport.gateway.stats import DEFAULT_WINDOW, provider_stats
+from fluxport.providers.registry import model_providers
 from fluxport.web.render import image_service, render_page
 
 log = logging.getLogger("fluxport.web")
@@ -191,7 +192,7 @@ async def model_page(model_id: str, request: Request) -> Response:
     providers = service.providers
     normalization = [
         (name, providers[name].capabilities(spec.id).normalization if name in providers else {})
-        for name in spec.providers
+        for name in model_providers(spec, providers)
     ]
     tiers = sorted(spec.tiers, key=lambda t: TIER_MEGAPIXELS[t])
     return render_page(
