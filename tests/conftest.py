@@ -1,4 +1,5 @@
-"""Fixtures that start real fluxport servers on loopback and point the official openai SDK at them."""
+"""Fixtures that start real fluxport servers on loopback and point the official openai SDK at them,
+and `target`: the storage tests' empty database, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fluxport.api.app import create_app
 from fluxport.settings import Settings
+from tests.storage_targets import BACKENDS, Target, storage_target
 
 
 def free_port() -> int:
@@ -88,3 +90,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 @pytest.fixture(scope="session")
 def client(server: LiveServer) -> openai.OpenAI:
     return server.client()
+
+
+@pytest.fixture(params=BACKENDS)
+async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
+    """An empty database, once on SQLite and once on PostgreSQL (tests/storage_targets.py)."""
+    async with storage_target(request.param, tmp_path) as found:
+        if isinstance(found, str):
+            pytest.skip(found)
+        yield found

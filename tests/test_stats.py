@@ -7,43 +7,25 @@ import random
 import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from fluxport.gateway.stats import ProviderStats, provider_stats
-from fluxport.storage.db import Database, make_engine
-from tests.test_storage import PG_URL, _probe_postgres
+from fluxport.storage.db import Database
+from tests.storage_targets import Target
 
 NOW = datetime(2031, 6, 1, 12, 0, tzinfo=UTC)
 MODEL = "flux.2-dev"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    """An empty database: a SQLite file in a tmp dir, or a fresh PostgreSQL schema dropped afterwards."""
-    if request.param == "sqlite":
-        database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'fluxport.db'}")
-        try:
-            yield database
-        finally:
-            await database.close()
-        return
-    reason = await _probe_postgres()
-    if reason is not None:
-        pytest.skip(reason)
-    schema = f"fluxport_stats_{secrets.token_hex(6)}"
-    database = await Database.open(PG_URL, schema=schema)
+@pytest.fixture
+async def db(target: Target) -> AsyncIterator[Database]:
+    """An empty database on SQLite and on PostgreSQL (the `target` fixture)."""
+    database = await target.open()
     try:
         yield database
     finally:
         await database.close()
-        engine = make_engine(PG_URL)
-        try:
-            async with engine.begin() as conn:
-                await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await engine.dispose()
 
 
 class Recorder:

@@ -9,7 +9,6 @@ import re
 import secrets
 import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -19,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, inspect, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -32,60 +31,7 @@ from fluxport.storage.db import (
     make_engine,
     metadata,
 )
-
-PG_URL = os.environ.get("FLUXPORT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
-_pg_unreachable: list[str | None] = []  # cached across tests: one probe per run
-
-
-async def _probe_postgres() -> str | None:
-    """None if PostgreSQL answers, else the reason to skip."""
-    if _pg_unreachable:
-        return _pg_unreachable[0]
-    url = make_url(PG_URL)
-    where = f"{url.host}:{url.port or 5432}"
-    reason: str | None = None
-    engine = make_engine(PG_URL)
-    try:
-        async with asyncio.timeout(5), engine.connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-    except Exception as exc:  # any failure to connect means: skip, saying why
-        reason = f"PostgreSQL not reachable at {where}: {exc!r}"
-    finally:
-        await engine.dispose()
-    _pg_unreachable.append(reason)
-    return reason
-
-
-@dataclass(frozen=True)
-class Target:
-    backend: str
-    url: str
-    schema: str | None
-
-    async def open(self) -> Database:
-        return await Database.open(self.url, schema=self.schema)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
-    """An empty database: a file in a tmp dir, or a fresh PostgreSQL schema dropped afterwards."""
-    if request.param == "sqlite":
-        # A dir that does not exist yet: open must create it.
-        yield Target("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'data' / 'fluxport.db'}", None)
-        return
-    reason = await _probe_postgres()
-    if reason is not None:
-        pytest.skip(reason)
-    schema = f"fluxport_test_{secrets.token_hex(6)}"
-    try:
-        yield Target("postgresql", PG_URL, schema)
-    finally:
-        engine = make_engine(PG_URL)
-        try:
-            async with engine.begin() as conn:
-                await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await engine.dispose()
+from tests.storage_targets import PG_URL, Target
 
 
 @pytest.fixture
