@@ -154,6 +154,150 @@ async def test_concurrent_open_of_a_fresh_database(target: Target) -> None:
             await d.close()
 
 
+# Migrations down and up again (every revision's downgrade, on both backends)
+
+# The tables the migrations own (alembic_version, Alembic's, stays behind after "base").
+FLUXPORT_TABLES = frozenset(metadata.tables)
+Schema = dict[str, dict[str, Any]]
+
+
+def _revisions() -> list[str]:
+    """Every revision, oldest first."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
+def _describe(conn: Connection) -> Schema:
+    """What a revision leaves: per table its columns (type, nullability), indexes, unique and
+    foreign keys."""
+    insp = inspect(conn)
+    out: Schema = {}
+    for table in sorted(set(insp.get_table_names()) - {"alembic_version"}):
+        out[table] = {
+            "columns": {c["name"]: (str(c["type"]), c["nullable"]) for c in insp.get_columns(table)},
+            "indexes": sorted(
+                (ix["name"] or "", tuple(ix["column_names"])) for ix in insp.get_indexes(table)
+            ),
+            "unique": sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+            "foreign_keys": sorted(
+                (tuple(fk["constrained_columns"]), fk["referred_table"])
+                for fk in insp.get_foreign_keys(table)
+            ),
+            "primary_key": tuple(insp.get_pk_constraint(table)["constrained_columns"]),
+        }
+    return out
+
+
+class Migrator:
+    """Alembic's commands on one engine, each in its own transaction, as `Database.open` runs them."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.engine = make_engine(target.url, schema=target.schema)
+
+    async def run(self, command_name: str, revision: str) -> Schema:
+        from alembic import command
+
+        def go(connection: Connection) -> Schema:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = connection
+            getattr(command, command_name)(cfg, revision)
+            return _describe(connection)
+
+        async with self.engine.begin() as conn:
+            if self.target.schema is not None:
+                await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.target.schema}"')
+            return await conn.run_sync(go)
+
+    async def version(self) -> str | None:
+        def current(connection: Connection) -> str | None:
+            return MigrationContext.configure(connection).get_current_revision()
+
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(current)
+
+    async def diff_from_models(self) -> list[Any]:
+        def diff(conn: Connection) -> list[Any]:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(ctx, metadata))
+
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(diff)
+
+    async def scalar(self, sql: str) -> Any:
+        async with self.engine.connect() as conn:
+            return (await conn.exec_driver_sql(sql)).scalar_one()
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+async def test_migrations_go_down_to_base_and_up_again(target: Target) -> None:
+    """head -> base leaves none of fluxport's tables; base -> head matches the models again."""
+    migrator = Migrator(target)
+    try:
+        at_head = await migrator.run("upgrade", "head")
+        assert set(at_head) == FLUXPORT_TABLES
+        assert await migrator.diff_from_models() == []
+
+        at_base = await migrator.run("downgrade", "base")
+        assert at_base == {}
+        assert await migrator.version() is None
+        assert await migrator.scalar("SELECT count(*) FROM alembic_version") == 0
+
+        again = await migrator.run("upgrade", "head")
+        assert again == at_head
+        assert await migrator.version() == _head()
+        assert await migrator.diff_from_models() == []
+    finally:
+        await migrator.close()
+
+
+async def test_each_downgrade_restores_the_schema_before_its_revision(target: Target) -> None:
+    """Up one revision at a time, then down one at a time: each step down gives back exactly the
+    schema the step up started from, and keeps the rows the older schema has room for."""
+    revisions = _revisions()
+    assert revisions[0] == "0001" and revisions[-1] == _head()
+    migrator = Migrator(target)
+    try:
+        schemas: dict[str, Schema] = {}
+        for revision in revisions:
+            schemas[revision] = await migrator.run("upgrade", revision)
+            assert await migrator.version() == revision
+        assert set(schemas["0001"]) == {"requests", "attempts", "images"}
+        assert "cost_usd" not in schemas["0001"]["requests"]["columns"]
+        assert "cost_usd" in schemas["0002"]["requests"]["columns"]
+        assert {"api_keys", "idempotency"} <= set(schemas["0003"])
+        assert "api_key_id" in schemas["0003"]["requests"]["columns"]
+        assert await migrator.diff_from_models() == []
+
+        # A request with an attempt and an image, recorded at head, as a running server would.
+        db = await target.open()
+        try:
+            rid = await _new_request(db)
+            attempt = await db.start_attempt(request_id=rid, provider="local", model="flux.2-dev")
+            await db.add_images([_image(rid, 0)])
+            await _finish_ok(db, rid, cost_usd=0.25)
+        finally:
+            await db.close()
+
+        for older, newer in reversed(list(zip([None, *revisions[:-1]], revisions, strict=True))):
+            schema = await migrator.run("downgrade", older or "base")
+            assert await migrator.version() == older
+            assert schema == (schemas[older] if older else {}), f"downgrade of {newer}"
+            if older is not None:
+                # Dropping a column must not take the rows with it (nor cascade to their children).
+                assert await migrator.scalar(f"SELECT count(*) FROM requests WHERE id = '{rid}'") == 1
+                assert await migrator.scalar(f"SELECT count(*) FROM attempts WHERE id = {attempt}") == 1
+                assert await migrator.scalar("SELECT count(*) FROM images") == 1
+
+        for revision in revisions:
+            assert await migrator.run("upgrade", revision) == schemas[revision]
+        assert await migrator.diff_from_models() == []
+    finally:
+        await migrator.close()
+
+
 async def test_migrations_run_in_a_worker_thread_without_a_loop(tmp_path: Path) -> None:
     """The CLI path: env.py opens its own connection and runs asyncio.run (here, off this loop)."""
     from alembic import command

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from fluxport.storage.migration_ops import drop_columns_in_place
+
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
@@ -33,6 +35,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # In place, not batch mode: a copied table would lose its attempts and images (migration_ops).
     for table, column in reversed(COLUMNS):
-        with op.batch_alter_table(table) as batch:
-            batch.drop_column(column)
+        drop_columns_in_place(table, column)

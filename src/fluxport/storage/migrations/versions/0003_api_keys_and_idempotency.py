@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
+from fluxport.storage.migration_ops import drop_columns_in_place
+
 revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
@@ -66,6 +68,6 @@ def downgrade() -> None:
     op.drop_index("ix_idempotency_expires_at", table_name="idempotency")
     op.drop_table("idempotency")
     op.drop_index("ix_requests_api_key_id_created_at", table_name="requests")
-    with op.batch_alter_table("requests") as batch:
-        batch.drop_column("api_key_id")
+    # In place, not batch mode: a copied requests table would lose its children (migration_ops).
+    drop_columns_in_place("requests", "api_key_id")
     op.drop_table("api_keys")
