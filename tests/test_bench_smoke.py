@@ -59,3 +59,31 @@ def test_ttfb_benchmark_quick_runs_and_prints_its_table() -> None:
     assert len(two) == 9 and two[5] == "/", out
     headers, first, second, completed = (float(two[i]) for i in (2, 3, 6, 7))
     assert 0 < headers <= first <= second <= completed, out
+
+
+def test_gpu_benchmark_runs_its_modes_on_the_dummy() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu.py",
+            "--dummy",
+            "--size",
+            "128",
+            "--steps",
+            "6",
+            "--repeat",
+            "1",
+            "--modes",
+            "plain,taylorseer,turbo-8",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{out[-3000:]}\n{done.stderr[-3000:]}"
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    assert list(rows) == ["plain", "taylorseer", "turbo-8"], out
+    assert rows["plain"][-1] == "1.00" and all(float(r[2]) > 0 for r in rows.values()), out

@@ -110,6 +110,22 @@ class Settings(BaseSettings):
     local_steps: int = Field(default=28, ge=1, le=100, description="Denoising steps for flux.2-dev.")
     local_queue_size: int = Field(default=16, ge=1, description="Jobs waiting per device before 429.")
     dummy_steps: int = Field(default=4, ge=1, le=50, description="Denoising steps for flux.2-dummy.")
+    local_compile: bool = Field(
+        default=False,
+        description="torch.compile the transformer's repeated blocks (regional: one block compiled, "
+        "shared by all; a new size recompiles that block only). The first call pays the compile.",
+    )
+    # Step caching (diffusers' cache hooks): TaylorSeer computes the transformer fully every
+    # `interval` steps and forecasts the steps between from a Taylor series of its features.
+    local_step_cache: Literal["off", "taylorseer"] = Field(
+        default="off", description="Skip transformer work between steps (faster, slightly different)."
+    )
+    local_step_cache_interval: int = Field(
+        default=5, ge=2, le=20, description="TaylorSeer: full transformer passes every N steps."
+    )
+    local_step_cache_warmup_steps: int = Field(
+        default=3, ge=1, le=50, description="TaylorSeer: first steps always computed in full."
+    )
 
     # Hosted providers (keys use the providers' own variable names)
     fal_key: str | None = Field(default=None, validation_alias=AliasChoices("FAL_KEY", "FLUXPORT_FAL_KEY"))
@@ -226,6 +242,15 @@ class Settings(BaseSettings):
     upstreams_file: Path | None = Field(
         default=None, description="A JSON file with the upstreams list (instead of FLUXPORT_UPSTREAMS)."
     )
+
+    @model_validator(mode="after")
+    def _compile_or_step_cache(self) -> Settings:
+        if self.local_compile and self.local_step_cache != "off":
+            raise ValueError(
+                "FLUXPORT_LOCAL_COMPILE and FLUXPORT_LOCAL_STEP_CACHE do not combine: the cache's hooks "
+                "break the transformer's compiled graph (diffusers 0.42); choose one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _upstreams(self) -> Settings:

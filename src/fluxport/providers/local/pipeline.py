@@ -5,9 +5,11 @@ Everything here runs on a device worker thread; torch and diffusers are imported
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +91,9 @@ class _Pipelines:
         # peak of a large batch (n=8 at 2048x2048 on the dummy: 3.8 GiB at once); the result is
         # the same.
         pipe.vae.enable_slicing()
+        _enable_step_cache(pipe, self.settings)
+        if self.settings.local_compile:
+            _compile(pipe, progress)
         self._pipes[family] = pipe
         return pipe
 
@@ -199,7 +204,7 @@ class _Pipelines:
         if references:
             call["image"] = references
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _step_cache_context(pipe):
                 images = pipe(**call).images
         finally:
             if partials is not None:
@@ -290,3 +295,46 @@ def _preview_png(latents: Any, height: int, width: int) -> bytes | None:
         return buf.getvalue()
     except Exception:  # a preview is a nicety; never let it fail the job
         return None
+
+
+def _enable_step_cache(pipe: Any, settings: Settings) -> None:
+    """FLUXPORT_LOCAL_STEP_CACHE: diffusers' TaylorSeer cache hooks on the transformer. (Its
+    first-block cache does not support FLUX.2's blocks in diffusers 0.42: a TypeError.)"""
+    if settings.local_step_cache != "taylorseer":
+        return
+    import torch
+    from diffusers import TaylorSeerCacheConfig
+
+    config = TaylorSeerCacheConfig(  # type: ignore[no-untyped-call]
+        cache_interval=settings.local_step_cache_interval,
+        disable_cache_before_step=settings.local_step_cache_warmup_steps,
+        taylor_factors_dtype=torch.float32,
+    )
+    pipe.transformer.enable_cache(config)
+
+
+@contextlib.contextmanager
+def _step_cache_context(pipe: Any) -> Iterator[None]:
+    """One job's cache state: reset first (no job forecasts from another's features), then the
+    context the hooks need (Flux2Pipeline does not open one itself)."""
+    transformer = pipe.transformer
+    if not getattr(transformer, "is_cache_enabled", False):
+        yield
+        return
+    transformer._reset_stateful_cache()
+    with transformer.cache_context("fluxport"):
+        yield
+
+
+def _compile(pipe: Any, progress: ProgressCallback) -> None:
+    """FLUXPORT_LOCAL_COMPILE: regional torch.compile of the transformer's repeated blocks, then
+    one small call so the compile happens here, reported as loading, not in a user's first job."""
+    import torch
+
+    progress(ProgressEvent(stage="loading", step=0, total=1, message="compiling the transformer blocks"))
+    started = time.monotonic()
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    with torch.inference_mode():
+        pipe(prompt="warm-up", height=256, width=256, num_inference_steps=1, output_type="latent")
+    took = time.monotonic() - started
+    progress(ProgressEvent(stage="loading", step=1, total=1, message=f"compiled in {took:.0f} s"))
