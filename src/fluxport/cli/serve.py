@@ -51,6 +51,9 @@ def serve(
     model = default_model(settings, providers)
     _show_models(providers, model)
     console.print(f"Default model: [bold]{model}[/] ({escape(_why_default(settings, providers, model))})")
+    placement = _placement(settings)
+    if placement:
+        console.print(f"Local GPU: {escape(placement)}")
     console.print(
         f"Data: {settings.data_dir.resolve()}  Database: {redact_url(settings.resolved_database_url)}"
     )
@@ -200,6 +203,14 @@ def _why_default(settings: Settings, providers: Mapping[str, Provider], model: s
 
 # The variable a provider's not-configured detail names: "set FAL_KEY to a fal.ai API key".
 _SET_VAR = re.compile(r"\bset ([A-Z][A-Z0-9_]+)")
+
+
+def _placement(settings: Settings) -> str | None:
+    if settings.local_weights is None:
+        return None
+    from fluxport.providers.local.pipeline import placement_note
+
+    return placement_note(settings)
 
 
 def _or(items: list[str]) -> str:

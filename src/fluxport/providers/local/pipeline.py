@@ -20,6 +20,8 @@ from fluxport.providers.local.plan import _Plan
 from fluxport.providers.local.worker import _Cancelled, _Task
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL.Image import Image
 
     from fluxport.settings import Settings
@@ -338,3 +340,34 @@ def _compile(pipe: Any, progress: ProgressCallback) -> None:
         pipe(prompt="warm-up", height=256, width=256, num_inference_steps=1, output_type="latent")
     took = time.monotonic() - started
     progress(ProgressEvent(stage="loading", step=1, total=1, message=f"compiled in {took:.0f} s"))
+
+
+_COMPONENTS = ("transformer", "text_encoder", "vae")
+_HEADROOM = 8 * 1024**3  # activations at 1-4 MP and a few references
+
+
+def resident_bytes(weights: Path) -> int:
+    """What FLUX.2 [dev]'s components take in memory: their safetensors as stored (bf16)."""
+    return sum(f.stat().st_size for name in _COMPONENTS for f in (weights / name).glob("*.safetensors"))
+
+
+def placement_note(settings: Settings) -> str | None:
+    """For the start banner: where FLUX.2 [dev] will run and what that costs (None: no weights)."""
+    weights = settings.local_weights
+    if weights is None:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None  # the provider says itself that the local extra is missing
+    need = resident_bytes(weights)
+    gib = 1024**3
+    if settings.local_device == "cpu" or not torch.cuda.is_available():
+        return f"FLUX.2 [dev] on the CPU (about {2 * need / gib:.0f} GB in fp32): minutes per image."
+    free, _total = torch.cuda.mem_get_info()
+    if need < free - _HEADROOM:
+        return f"FLUX.2 [dev] stays resident on the GPU ({need / gib:.0f} GB of {free / gib:.0f} GB free)."
+    return (
+        f"FLUX.2 [dev] needs {need / gib:.0f} GB resident and this GPU has {free / gib:.0f} GB free: "
+        "it runs with model CPU offload, about 2-4 s slower per component swap (several per job)."
+    )
