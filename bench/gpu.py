@@ -43,7 +43,6 @@ def build(dummy: bool) -> tuple[Any, Any]:
     import torch
     from diffusers import (
         AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
         Flux2Pipeline,
         Flux2Transformer2DModel,
     )
@@ -61,16 +60,9 @@ def build(dummy: bool) -> tuple[Any, Any]:
         transformer = Flux2Transformer2DModel()
         vae = AutoencoderKLFlux2()
     torch.set_default_dtype(torch.float32)
-    # As FLUX.2 [dev]'s scheduler config (and the dummy's): dynamic exponential shifting.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-    )
+    from fluxport.providers.local.dummy import flux2_scheduler
+
+    scheduler = flux2_scheduler()
     pipe = Flux2Pipeline(
         scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
     )

@@ -148,30 +148,24 @@ class UpstreamProvider:
         timings = AttemptTimings()
         async with self._slots:
             timings.queued_s = time.monotonic() - t0
-            if job.references:
+            body: dict[str, Any] = {"json": fields}
+            route = "generations"
+            if job.references:  # an edit: multipart, the references as repeated `image` files
                 form = aiohttp.FormData()
                 for key, value in fields.items():
                     form.add_field(key, value if isinstance(value, str) else _form_text(value))
                 for i, ref in enumerate(job.references):
                     name = f"image-{i}.{ref.format}"
                     form.add_field("image", ref.data, filename=name, content_type=ref.mime)
-                response = await self._http.request(
-                    "POST",
-                    f"{self._base}/images/edits",
-                    idempotent=False,
-                    headers=self._auth,
-                    form=form,
-                    timeout_s=self.config.timeout_s,
-                )
-            else:
-                response = await self._http.request(
-                    "POST",
-                    f"{self._base}/images/generations",
-                    idempotent=False,
-                    headers=self._auth,
-                    json=fields,
-                    timeout_s=self.config.timeout_s,
-                )
+                body, route = {"form": form}, "edits"
+            response = await self._http.request(
+                "POST",
+                f"{self._base}/images/{route}",
+                idempotent=False,
+                headers=self._auth,
+                timeout_s=self.config.timeout_s,
+                **body,
+            )
             answered = time.monotonic()
             timings.first_byte_s = timings.generation_s = answered - t0
             if response.status_code >= 400:

@@ -124,6 +124,21 @@ TEXT_HIDDEN = 16
 LATENT_CHANNELS = 4
 
 
+def flux2_scheduler() -> Any:
+    """FLUX.2 [dev]'s scheduler, as its scheduler_config.json: flow matching with dynamic,
+    exponential shifting by image size."""
+    diffusers: Any = importlib.import_module("diffusers")  # untyped: its annotations trip mypy --strict
+    return diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+
+
 def build_dummy_pipeline(seed: int = 0) -> Flux2Pipeline:
     """Build flux.2-dummy with deterministic random weights, without touching the global RNG."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -210,15 +225,7 @@ def build_dummy_pipeline(seed: int = 0) -> Flux2Pipeline:
             # Mid-block attention at H/8 x W/8 would be a 16k x 16k matrix at 1024 px.
             mid_block_add_attention=False,
         )
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-    )
+    scheduler = flux2_scheduler()
     for module in (transformer, text_encoder, vae):
         module.eval()
     pipe = diffusers.Flux2Pipeline(
