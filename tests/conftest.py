@@ -99,3 +99,12 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         if isinstance(found, str):
             pytest.skip(found)
         yield found
+
+
+@pytest.fixture
+async def pg_target(tmp_path: Path) -> AsyncIterator[Target]:
+    """An empty PostgreSQL schema, for what only PostgreSQL does (advisory locks, pools)."""
+    async with storage_target("postgresql", tmp_path) as found:
+        if isinstance(found, str):
+            pytest.skip(found)
+        yield found

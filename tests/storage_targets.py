@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from fluxport.storage.db import Database, PoolSizing, make_engine
 
-__all__ = ["PG_URL", "Target", "drop_schema", "probe_postgres", "storage_target"]
+__all__ = ["PG_URL", "Target", "drop_schema", "fresh_database", "probe_postgres", "storage_target"]
 
 PG_URL = os.environ.get("FLUXPORT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
@@ -82,3 +82,25 @@ async def storage_target(backend: str, tmp_path: Path) -> AsyncIterator[Target |
         yield Target("postgresql", PG_URL, schema)
     finally:
         await drop_schema(schema)
+
+
+async def _admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_URL.replace("postgresql+asyncpg", "postgresql"), timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def fresh_database() -> AsyncIterator[str]:
+    """The URL of a new, empty PostgreSQL database (a whole one: for what cannot take a schema,
+    such as settings and real server processes), dropped afterwards."""
+    name = f"fptest_{secrets.token_hex(6)}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -17,21 +19,28 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from pydantic import ValidationError
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import QueuePool
 
+from fluxport.settings import Settings
 from fluxport.storage.blobs import TEMP_SUFFIX, LocalBlobStore, new_image_id
 from fluxport.storage.db import (
     INTERRUPTED_ERROR,
     Database,
     ImageRow,
+    MigrationLockTimeout,
+    PoolSizing,
     alembic_config,
     make_engine,
     metadata,
 )
-from tests.storage_targets import PG_URL, Target
+from fluxport.storage.engine import PG_MIGRATION_LOCK
+from tests.storage_targets import PG_URL, Target, fresh_database, probe_postgres
 
 
 @pytest.fixture
@@ -149,6 +158,15 @@ async def test_concurrent_open_of_a_fresh_database(target: Target) -> None:
     dbs = await asyncio.gather(*(target.open() for _ in range(6)))
     try:
         assert await _scalar(dbs[0], "SELECT version_num FROM alembic_version") == _head()
+        assert await _scalar(dbs[0], "SELECT count(*) FROM alembic_version") == 1
+
+        def diff(conn: Connection) -> list[Any]:
+            return list(compare_metadata(MigrationContext.configure(conn), metadata))
+
+        async with dbs[-1].engine.connect() as conn:
+            assert await conn.run_sync(diff) == []  # every table once, as the models say
+        await asyncio.gather(*(_new_request(d) for d in dbs))
+        assert await _scalar(dbs[0], "SELECT count(*) FROM requests") == 6
     finally:
         for d in dbs:
             await d.close()
@@ -330,6 +348,163 @@ async def test_sqlite_pragmas(tmp_path: Path) -> None:
         assert str(await _scalar(db, "PRAGMA journal_mode")).lower() == "wal"
         assert await _scalar(db, "PRAGMA busy_timeout") >= 5000
         assert await _scalar(db, "PRAGMA foreign_keys") == 1
+    finally:
+        await db.close()
+
+
+# PostgreSQL: the pool from the settings, and a start that meets another process's migration
+
+
+def _queue_pool(engine: AsyncEngine) -> QueuePool:
+    pool = engine.pool
+    assert isinstance(pool, QueuePool), type(pool)
+    return pool
+
+
+def test_the_pool_defaults_and_sqlite_keeps_its_own(tmp_path: Path) -> None:
+    pool = _queue_pool(make_engine(PG_URL))  # no connection is made
+    assert (pool.size(), pool._max_overflow, pool._timeout) == (10, 20, 30.0)
+    sized = _queue_pool(make_engine(PG_URL, pool=PoolSizing(size=2, max_overflow=0, timeout_s=1.5)))
+    assert (sized.size(), sized._max_overflow, sized._timeout) == (2, 0, 1.5)
+    # SQLite keeps SQLAlchemy's own pool for its driver whatever the sizing says.
+    sqlite = _queue_pool(make_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", pool=PoolSizing(size=1)))
+    plain = _queue_pool(make_engine(f"sqlite+aiosqlite:///{tmp_path / 'y.db'}"))
+    assert type(sqlite) is type(plain)
+    assert (sqlite.size(), sqlite._max_overflow) == (plain.size(), plain._max_overflow) != (1, 20)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("FLUXPORT_DATABASE_POOL_SIZE", "0"),
+        ("FLUXPORT_DATABASE_MAX_OVERFLOW", "-1"),
+        ("FLUXPORT_DATABASE_POOL_TIMEOUT_S", "0"),
+        ("FLUXPORT_DATABASE_MIGRATION_WAIT_S", "-5"),
+        ("FLUXPORT_DATABASE_POOL_SIZE", "ten"),
+    ],
+)
+def test_a_bad_pool_setting_is_a_settings_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    (error,) = info.value.errors()
+    assert error["loc"] == (variable.removeprefix("FLUXPORT_").lower(),)
+    with pytest.raises(ValueError, match="pool size must be at least 1"):
+        PoolSizing(size=0)
+
+
+async def test_the_database_from_settings_has_their_pool(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """FLUXPORT_DATABASE_POOL_SIZE and _MAX_OVERFLOW cap the connections one process opens; past
+    them a query waits FLUXPORT_DATABASE_POOL_TIMEOUT_S for one, then fails."""
+    if (reason := await probe_postgres()) is not None:
+        pytest.skip(reason)
+    async with fresh_database() as url:
+        for name, value in {
+            "FLUXPORT_DATABASE_URL": url,
+            "FLUXPORT_DATABASE_POOL_SIZE": "3",
+            "FLUXPORT_DATABASE_MAX_OVERFLOW": "2",
+            "FLUXPORT_DATABASE_POOL_TIMEOUT_S": "0.5",
+        }.items():
+            monkeypatch.setenv(name, value)
+        db = await Database.from_settings(Settings(data_dir=tmp_path))
+        try:
+            pool = _queue_pool(db.engine)
+            assert (pool.size(), pool._max_overflow, pool._timeout) == (3, 2, 0.5)
+            rid = await _new_request(db)
+            held = [await db.engine.connect() for _ in range(5)]  # the pool and all its overflow
+            try:
+                started = time.monotonic()
+                with pytest.raises(SATimeoutError):
+                    await db.get_request(rid)  # reads take their connection from the same pool
+                assert 0.4 < time.monotonic() - started < 5
+            finally:
+                for conn in held:
+                    await conn.close()
+            row = await db.get_request(rid)
+            assert row is not None and row.status == "queued"
+        finally:
+            await db.close()
+
+
+class _MigrationLockHolder:
+    """Another process mid-migration: a connection in a transaction holding the migration lock."""
+
+    def __init__(self) -> None:
+        self.engine = make_engine(PG_URL)
+        self.conn: AsyncConnection | None = None
+
+    async def __aenter__(self) -> _MigrationLockHolder:
+        self.conn = await self.engine.connect()
+        await self.conn.begin()
+        await self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_MIGRATION_LOCK})
+        return self
+
+    async def release(self) -> None:
+        if self.conn is not None:
+            await self.conn.rollback()
+            await self.conn.close()
+            self.conn = None
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+        await self.engine.dispose()
+
+
+async def test_a_start_during_another_migration_says_so_waits_then_opens(
+    pg_target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="fluxport.storage")
+    async with _MigrationLockHolder() as holder:
+        opening = asyncio.create_task(pg_target.open())
+        deadline = time.monotonic() + 20
+        while "waiting for another fluxport process to finish migrating" not in caplog.text:
+            assert not opening.done(), opening  # it must wait, not fail nor skip the lock
+            assert time.monotonic() < deadline, "no 'waiting' log line"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert not opening.done()
+        await holder.release()
+        db = await asyncio.wait_for(opening, 30)
+    try:
+        assert await _scalar(db, "SELECT version_num FROM alembic_version") == _head()
+        await _new_request(db)
+    finally:
+        await db.close()
+    waiting = [r for r in caplog.records if "waiting for another fluxport process" in r.getMessage()]
+    assert len(waiting) == 1  # said once, not once per poll
+    assert "the other migration finished" in caplog.text
+
+
+async def test_a_short_wait_for_another_start_goes_unsaid(
+    pg_target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers starting together each take the lock for a migration with nothing to do: waiting a
+    moment for one of them is no news."""
+    caplog.set_level(logging.WARNING, logger="fluxport.storage")
+    async with _MigrationLockHolder() as holder:
+        opening = asyncio.create_task(pg_target.open())
+        await asyncio.sleep(0.3)
+        assert not opening.done()
+        await holder.release()
+        db = await asyncio.wait_for(opening, 30)
+    await db.close()
+    assert "waiting for another" not in caplog.text
+
+
+async def test_the_wait_for_another_migration_is_bounded(pg_target: Target) -> None:
+    async with _MigrationLockHolder():
+        started = time.monotonic()
+        with pytest.raises(MigrationLockTimeout, match=r"for more than 0\.5 s"):
+            await asyncio.wait_for(pg_target.open(migration_wait_s=0.5), 10)  # not a hang
+        assert time.monotonic() - started < 5
+    # Nothing half-done was left behind: the next start migrates as usual.
+    db = await pg_target.open()
+    try:
+        assert await _scalar(db, "SELECT version_num FROM alembic_version") == _head()
     finally:
         await db.close()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     AliasChoices,
@@ -15,6 +15,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from fluxport.storage.engine import PoolSizing
 
 
 RESERVED_PROVIDER_NAMES = frozenset({"local", "fal", "replicate"})
@@ -57,6 +60,21 @@ class Settings(BaseSettings):
     # Storage: SQLite file and image files under data_dir unless database_url says otherwise.
     data_dir: Path = Path("./data")
     database_url: str | None = None
+    # PostgreSQL's connection pool, per process: every replica and every worker has its own.
+    database_pool_size: int = Field(
+        default=10, ge=1, description="PostgreSQL connections each process keeps open."
+    )
+    database_max_overflow: int = Field(
+        default=20, ge=0, description="Connections a process may open beyond the pool size under load."
+    )
+    database_pool_timeout_s: float = Field(
+        default=30.0, gt=0, description="How long a query waits for a free connection before failing."
+    )
+    database_migration_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a starting process waits for another one's migration (PostgreSQL).",
+    )
     # Image files: under data_dir/images, or in an S3-compatible bucket every replica shares.
     blob_url: str | None = Field(
         default=None,
@@ -304,6 +322,16 @@ class Settings(BaseSettings):
     def shared_database(self) -> bool:
         """Whether replicas on several processes can share the database (not SQLite)."""
         return not self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def database_pool(self) -> PoolSizing:
+        from fluxport.storage.engine import PoolSizing  # storage owns the engine (and its imports)
+
+        return PoolSizing(
+            size=self.database_pool_size,
+            max_overflow=self.database_max_overflow,
+            timeout_s=self.database_pool_timeout_s,
+        )
 
     @property
     def resolved_database_url(self) -> str:

@@ -201,7 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        db = await Database.open(settings.resolved_database_url)
+        db = await Database.from_settings(settings)
         # Image files: the data dir's images/ or an S3-compatible bucket (FLUXPORT_BLOB_URL).
         blobs = open_blob_store(settings)
         await blobs.start()

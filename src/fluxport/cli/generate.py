@@ -202,7 +202,7 @@ async def _run_async(
 
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = await Database.open(settings.resolved_database_url)
+    db = await Database.from_settings(settings)
     providers = build_providers(settings)
     blobs = open_blob_store(settings)
     service = ImageService(settings, db, blobs, providers)

@@ -119,7 +119,7 @@ async def _open_db() -> Any:
 
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return await Database.open(settings.resolved_database_url)
+    return await Database.from_settings(settings)
 
 
 def _limits(rpm: int | None, budget: float | None) -> str:

@@ -134,7 +134,7 @@ async def _prepare_database(settings: Settings) -> None:
     from fluxport.api.app import ensure_first_key
     from fluxport.storage.db import Database
 
-    db = await Database.open(settings.resolved_database_url)
+    db = await Database.from_settings(settings)
     try:
         await ensure_first_key(settings, db)
     finally:

@@ -40,7 +40,7 @@ async def _stats_tables(models: list[str], window_days: int) -> list[Table]:
     from fluxport.storage.db import Database
 
     settings = Settings()
-    db = await Database.open(settings.resolved_database_url)
+    db = await Database.from_settings(settings)
     try:
         tables = []
         for model_id in models:

@@ -9,10 +9,19 @@ statistics in `stats.py`. `Database` puts them together over one engine.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from fluxport.storage.engine import alembic_config, make_engine, migrate, sync_sqlite_engine
+from fluxport.storage.engine import (
+    MIGRATION_WAIT_S,
+    MigrationLockTimeout,
+    PoolSizing,
+    alembic_config,
+    make_engine,
+    migrate,
+    sync_sqlite_engine,
+)
 from fluxport.storage.records import (
     ATTEMPT_STATUSES,
     INTERRUPTED_ERROR,
@@ -36,6 +45,9 @@ from fluxport.storage.schema import metadata
 from fluxport.storage.stats import StatsQueries
 from fluxport.storage.writer import GroupCommit
 
+if TYPE_CHECKING:
+    from fluxport.settings import Settings
+
 __all__ = [
     "ATTEMPT_STATUSES",
     "INTERRUPTED_ERROR",
@@ -48,7 +60,9 @@ __all__ = [
     "Database",
     "IdempotencyRow",
     "ImageRow",
+    "MigrationLockTimeout",
     "Operation",
+    "PoolSizing",
     "RequestRow",
     "RequestStatus",
     "UsageTotals",
@@ -81,15 +95,33 @@ class Database(RequestRepository, KeyRepository, IdempotencyRepository, StatsQue
         super().__init__(async_sessionmaker(engine, expire_on_commit=False), writer, write_lock)
 
     @classmethod
-    async def open(cls, url: str, *, schema: str | None = None) -> Database:
-        """Connect and migrate to head; `schema` (PostgreSQL only) isolates tables, e.g. per test run."""
-        engine = make_engine(url, schema=schema)
+    async def open(
+        cls,
+        url: str,
+        *,
+        schema: str | None = None,
+        pool: PoolSizing | None = None,
+        migration_wait_s: float = MIGRATION_WAIT_S,
+    ) -> Database:
+        """Connect and migrate to head; `schema` (PostgreSQL only) isolates tables, e.g. per test run.
+        `pool` sizes PostgreSQL's connection pool; `migration_wait_s` bounds the wait for another
+        process's migration (PostgreSQL: MigrationLockTimeout)."""
+        engine = make_engine(url, schema=schema, pool=pool)
         try:
-            await migrate(engine, schema)
+            await migrate(engine, schema, wait_s=migration_wait_s)
         except BaseException:
             await engine.dispose()
             raise
         return cls(engine)
+
+    @classmethod
+    async def from_settings(cls, settings: Settings) -> Database:
+        """The database the settings name, with their pool sizing and migration wait."""
+        return await cls.open(
+            settings.resolved_database_url,
+            pool=settings.database_pool,
+            migration_wait_s=settings.database_migration_wait_s,
+        )
 
     async def close(self) -> None:
         await self._writer.aclose()
