@@ -766,6 +766,125 @@ async def test_add_images_is_all_or_nothing(db: Database) -> None:
     assert await _scalar(db, "SELECT count(*) FROM images") == 1
 
 
+# API keys and usage
+
+
+async def _new_key(db: Database, name: str = "ci", **limits: Any) -> str:
+    key_id = f"key_{secrets.token_hex(6)}"
+    await db.create_api_key(id=key_id, name=name, prefix="fp_abc", hash=secrets.token_hex(32), **limits)
+    return key_id
+
+
+async def test_api_keys(db: Database) -> None:
+    assert await db.count_api_keys() == 0
+    assert await db.api_keys_version() == (0, 0, None)
+    first = await _new_key(db, "first", rate_limit_per_minute=60, monthly_budget_usd=12.5)
+    second = await _new_key(db, "second")
+    keys = await db.list_api_keys()
+    assert [k.id for k in keys] == [first, second]
+    assert (keys[0].rate_limit_per_minute, keys[0].monthly_budget_usd) == (60, 12.5)
+    assert keys[1].rate_limit_per_minute is None and keys[1].revoked_at is None
+    _assert_recent_utc(keys[0].created_at)
+
+    found = await db.api_key_by_hash(keys[1].hash)
+    assert found is not None and found.id == second
+    assert await db.api_key_by_hash("0" * 64) is None
+    with pytest.raises(IntegrityError):  # hashes are unique
+        await db.create_api_key(id="key_dup", name="dup", prefix="fp_abc", hash=keys[1].hash)
+
+    revoked = await db.revoke_api_key(first)
+    assert revoked is not None and revoked.id == first
+    _assert_recent_utc(revoked.revoked_at)
+    again = await db.revoke_api_key(first)
+    assert again is not None and again.revoked_at == revoked.revoked_at  # the first stamp is kept
+    assert await db.revoke_api_key("key_missing") is None
+    assert await db.count_api_keys() == 2
+    assert await db.api_keys_version() == (2, 1, revoked.revoked_at)
+
+
+async def test_key_usage_and_spend(db: Database) -> None:
+    key = await _new_key(db)
+    other = await _new_key(db, "other")
+    paid = await _new_request(db, api_key_id=key)
+    await _finish_ok(db, paid, width=1000, height=1000, images=2, cost_usd=0.75)
+    failed = await _new_request(db, api_key_id=key)
+    await _finish_ok(db, failed, status="failed", width=None, height=None, images=0, cost_usd=None)
+    theirs = await _new_request(db, api_key_id=other)
+    await _finish_ok(db, theirs, cost_usd=5.0)
+    keyless = await _new_request(db)
+    await _finish_ok(db, keyless, cost_usd=1.0)
+
+    usage = await db.key_usage(key)
+    assert (usage.requests, usage.succeeded, usage.images) == (2, 1, 2)
+    assert usage.megapixels == 2.0 and usage.cost_usd == 0.75
+    assert (await db.key_usage(None)).requests == 1
+    assert await db.key_spend(key, since=datetime.now(UTC) - timedelta(hours=1)) == 0.75
+    assert await db.key_spend(key, since=datetime.now(UTC) + timedelta(hours=1)) == 0.0
+    later = await db.key_usage(key, since=datetime.now(UTC) + timedelta(hours=1))
+    assert (later.requests, later.cost_usd) == (0, 0.0)
+
+
+# Idempotency-Key claims
+
+
+async def _claim(db: Database, key: str, request_id: str, **overrides: Any) -> Any:
+    now = datetime.now(UTC)
+    fields: dict[str, Any] = {
+        "api_key_id": "key_1",
+        "key": key,
+        "body_hash": "h1",
+        "request_id": request_id,
+        "expires_at": now + timedelta(hours=1),
+        "stale_before": now - timedelta(minutes=10),
+    }
+    fields.update(overrides)
+    return await db.claim_idempotency(**fields)
+
+
+async def test_idempotency_claims(db: Database) -> None:
+    assert await _claim(db, "k", "req_1") is None  # claimed
+    held = await _claim(db, "k", "req_2")
+    assert held is not None and (held.request_id, held.state, held.body) == ("req_1", "in_progress", None)
+    assert await _claim(db, "k", "req_3", api_key_id="key_2") is None  # another key's own namespace
+
+    await db.finish_idempotency("key_1", "k", status_code=200, headers={"x-a": "b"}, body='{"ok":1}')
+    done = await db.get_idempotency("key_1", "k")
+    assert done is not None and (done.state, done.status_code, done.headers, done.body) == (
+        "done",
+        200,
+        {"x-a": "b"},
+        '{"ok":1}',
+    )
+    replay = await _claim(db, "k", "req_4")
+    assert replay is not None and replay.state == "done" and replay.request_id == "req_1"
+
+    await db.release_idempotency("key_1", "k")
+    assert await db.get_idempotency("key_1", "k") is None
+    assert await _claim(db, "k", "req_5") is None
+
+    # An in-progress claim older than stale_before (its process died) gives way; so does an expired one.
+    future = datetime.now(UTC) + timedelta(minutes=1)
+    assert await _claim(db, "k", "req_6", stale_before=future) is None
+    assert await _claim(db, "old", "req_7", expires_at=datetime.now(UTC) - timedelta(seconds=1)) is None
+    assert await db.purge_idempotency() == 1
+    assert await db.get_idempotency("key_1", "old") is None
+    row = await db.get_idempotency("key_1", "k")
+    assert row is not None and row.request_id == "req_6"
+
+
+async def test_concurrent_claims_of_one_key_let_exactly_one_through(db: Database, target: Target) -> None:
+    """The primary key decides, across processes: one claim of 20, from two Databases at once."""
+    other = await target.open()
+    try:
+        claims = (_claim(db if i % 2 else other, "race", f"req_{i}") for i in range(20))
+        outcomes = await asyncio.gather(*claims)
+    finally:
+        await other.close()
+    winners = [i for i, held in enumerate(outcomes) if held is None]
+    assert len(winners) == 1
+    assert {held.request_id for held in outcomes if held is not None} == {f"req_{winners[0]}"}
+
+
 # Crash repair
 
 
