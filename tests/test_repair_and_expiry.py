@@ -1,4 +1,5 @@
-"""Link expiry (expires_at, 404 after it, the sweep) and crash repair at start-up."""
+"""Link expiry (expires_at, 404 after it, the sweep) and crash repair at start-up; what works on
+the database directly runs on SQLite and on PostgreSQL (the `target` fixture)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fluxport.storage.blobs import LocalBlobStore
 from fluxport.storage.db import Database, ImageRow
 from fluxport.storage.repair import repair_on_start, sweep_expired
 from tests.conftest import start_server
+from tests.storage_targets import Target
 
 DUMMY = {"model": "flux.2-dummy", "prompt": "a red square", "size": "256x256"}
 
@@ -56,8 +58,8 @@ def test_links_expire_and_the_sweep_deletes_the_files(tmp_path: Path) -> None:
         live.stop()
 
 
-async def test_sweep_deletes_only_what_expired_since_the_last_sweep(tmp_path: Path) -> None:
-    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+async def test_sweep_deletes_only_what_expired_since_the_last_sweep(tmp_path: Path, target: Target) -> None:
+    db = await target.open()
     blobs = LocalBlobStore(tmp_path / "images")
     try:
         await db.create_request(id="r1", model="m", operation="generate", prompt="p", params={}, n=2)
@@ -79,12 +81,17 @@ async def test_sweep_deletes_only_what_expired_since_the_last_sweep(tmp_path: Pa
         await db.close()
 
 
-async def _seed_inconsistent(data_dir: Path) -> dict[str, str]:
-    """A data dir as a crash could leave it; returns the interesting paths."""
+async def _seed_inconsistent_data_dir(data_dir: Path) -> dict[str, str]:
+    """A data dir (its SQLite database and images) as a crash could leave it."""
     settings = Settings(data_dir=data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-    db = await Database.open(settings.resolved_database_url)
-    blobs = LocalBlobStore(settings.images_dir)
+    return await _seed_inconsistent(await Database.open(settings.resolved_database_url), settings.images_dir)
+
+
+async def _seed_inconsistent(db: Database, images_dir: Path) -> dict[str, str]:
+    """A database and image files as a crash could leave them; returns the interesting paths.
+    Closes `db`."""
+    blobs = LocalBlobStore(images_dir)
     try:
         await db.create_request(
             id="req_run",
@@ -149,12 +156,11 @@ async def _seed_inconsistent(data_dir: Path) -> dict[str, str]:
 
 
 async def test_repair_on_start_fixes_every_inconsistency(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, target: Target, caplog: pytest.LogCaptureFixture
 ) -> None:
-    paths = await _seed_inconsistent(tmp_path)
-    settings = Settings(data_dir=tmp_path)
-    db = await Database.open(settings.resolved_database_url)
-    blobs = LocalBlobStore(settings.images_dir)
+    paths = await _seed_inconsistent(await target.open(), tmp_path / "images")
+    db = await target.open()
+    blobs = LocalBlobStore(tmp_path / "images")
     try:
         with caplog.at_level(logging.INFO, logger="fluxport.repair"):
             report = await repair_on_start(db, blobs, ttl_s=24 * 3600)
@@ -186,7 +192,7 @@ async def test_repair_on_start_fixes_every_inconsistency(
 
 
 def test_a_server_started_on_a_damaged_data_dir_repairs_it_before_serving(tmp_path: Path) -> None:
-    paths = asyncio.run(_seed_inconsistent(tmp_path))
+    paths = asyncio.run(_seed_inconsistent_data_dir(tmp_path))
     live = start_server(tmp_path)
     try:
         blobs = LocalBlobStore(tmp_path / "images")
