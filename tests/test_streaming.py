@@ -383,6 +383,25 @@ def test_an_error_after_the_stream_began_is_raised_by_the_sdk(hosted: LiveServer
     fal.script()  # clear what is left
 
 
+def test_a_failure_before_the_stream_begins_is_an_http_error(fal: FalEmulator, tmp_path: Path) -> None:
+    """Cooling down (the breaker open) is known before any attempt starts: a 503 with Retry-After,
+    which the SDK can retry, not a 200 whose stream says error."""
+    live = start_server(tmp_path, fal_key="fal-test-key", fal_url=fal.base_url, breaker_failures=1)
+    try:
+        fal.script(Fault(FaultKind.SERVER_ERROR))
+        with pytest.raises(openai.APIStatusError):
+            live.client().images.generate(
+                model="flux.2-dev", prompt="trips it", extra_body={"provider": "fal"}
+            )
+        with pytest.raises(openai.APIStatusError) as exc:
+            live.client().images.generate(
+                model="flux.2-dev", prompt="cooling", stream=True, extra_body={"provider": "fal"}
+            )
+    finally:
+        live.stop()
+    assert exc.value.status_code == 503 and exc.value.response.headers.get("retry-after")
+
+
 # -- the JS SDK -----------------------------------------------------------------------------------
 
 JS = textwrap.dedent(

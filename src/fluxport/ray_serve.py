@@ -57,6 +57,9 @@ class RayWorkers:
         )
 
 
+_SHARED = frozenset({"database_url", "redis_url", "blob_url", "blob_downloads"})
+
+
 class FluxportReplica:
     """One replica: fluxport's app, built inside the replica (nothing big is pickled)."""
 
@@ -81,6 +84,13 @@ class FluxportReplica:
                 "fal_key": None,
                 "replicate_api_token": None,
                 "upstreams": [],
+                # Its own records and files: not the gateway's database, Redis or bucket (pass
+                # them in `settings` on purpose to share them).
+                "database_url": None,
+                "redis_url": None,
+                "blob_url": None,
+                "blob_downloads": "proxy",
+                **{k: v for k, v in self.settings.items() if k in _SHARED},
             }
         )
         return create_app(settings)

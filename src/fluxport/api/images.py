@@ -199,7 +199,12 @@ async def _run(request: Request, service: ImageService, prepared: PreparedReques
             service.client_gone(request_id)
         done = await asyncio.shield(task)
     except asyncio.CancelledError:
-        service.client_gone(request_id)
+        # The handler itself was cancelled (a proxy in front, e.g. Ray Serve's, does that when the
+        # client closes the connection): as a disconnect, the work stops unless it is collectable.
+        if collectable:
+            service.client_gone(request_id)
+        else:
+            service.abandon(request_id)
         raise
     finally:
         watcher.cancel()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,6 +41,8 @@ from fluxport.domain.errors import FluxportError, Interrupted
 from fluxport.gateway.deliver import partial_images_behaviour
 from fluxport.gateway.service import Completed, ImageService, PreparedRequest
 from fluxport.providers.base import PartialImage, ProgressEvent
+
+log = logging.getLogger("fluxport.streaming")
 
 MEDIA_TYPE = "text/event-stream"
 # How long the response waits for the first attempt to start, to name its provider in the headers.
@@ -85,11 +88,13 @@ async def stream_images(
 
     def settle(done: asyncio.Task[Completed]) -> None:
         """The completed events, built once when the work ends (streamed, or kept for a retry)."""
-        if done.cancelled() or done.exception() is not None:
-            final.set_result(None)
-        else:
-            ttl = service.settings.image_ttl_s
-            final.set_result(b"".join(completed_events(done.result(), look, base, ttl)))
+        body: bytes | None = None
+        if not done.cancelled() and done.exception() is None:
+            try:
+                body = b"".join(completed_events(done.result(), look, base, service.settings.image_ttl_s))
+            except Exception:  # never leave the stream (and an Idempotency-Key) waiting forever
+                log.exception("request %s: the completed events could not be built", request_id)
+        final.set_result(body)
 
     task.add_done_callback(settle)
 
@@ -98,6 +103,10 @@ async def stream_images(
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
     first: set[asyncio.Future[Any]] = {started, task}  # asyncio.wait cancels neither
     await asyncio.wait(first, timeout=FIRST_ATTEMPT_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+    if task.done() and not task.cancelled() and isinstance(task.exception(), FluxportError):
+        # Failed before the stream began (cooling down, rate limited, no provider could): an HTTP
+        # error with its status and Retry-After, which the SDK retries as for any request.
+        raise task.exception()  # type: ignore[misc]
     if started.done():
         provider = started.result()
         headers["x-fluxport-provider"] = provider
@@ -110,6 +119,7 @@ async def stream_images(
 
     async def events() -> AsyncIterator[bytes]:
         finished = False
+        get: asyncio.Future[PartialImage] | None = None
         try:
             while True:
                 get = asyncio.ensure_future(partials.get())
@@ -131,6 +141,8 @@ async def stream_images(
                 yield error_event(_failure(task))
             finished = True
         finally:
+            if get is not None:
+                get.cancel()
             if not finished and not task.done():  # the client went away mid-stream
                 if collectable:
                     service.client_gone(request_id)

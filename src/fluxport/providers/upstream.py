@@ -231,6 +231,7 @@ def _client_error(name: str, response: Reply) -> FluxportError:
                 param = error["param"]
         elif isinstance(body.get("detail"), str):
             message = f"{name}: {body['detail']}"
-    if response.status_code in (400, 422):
-        return InvalidRequest(message, param=param)
-    return ProviderFailure(message)
+    # fluxport validated the request already: an upstream that refuses it differs from the others
+    # (a field it lacks, a model name it does not serve), so the request fails over.
+    where = f" (param {param})" if param else ""
+    return ProviderFailure(f"{message}{where}")

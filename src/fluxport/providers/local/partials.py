@@ -13,12 +13,15 @@ are evenly spaced after it, and none comes at the last step: the completed image
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from fluxport import media
 from fluxport.domain.job import GeneratedImage, ImageJob, Size
 from fluxport.providers.base import PartialImage
+
+log = logging.getLogger("fluxport.local")
 
 # The long side of a partial image, in pixels: decoding at a quarter of 1024² costs a quarter.
 PARTIAL_SIDE = 512
@@ -72,10 +75,18 @@ class PartialDecoder:
         self._latest = (hidden, velocity)
 
     def after_step(self, pipe: Any, step: int, timestep: Any) -> None:
-        """Called by the step callback after step `step` (0-based): decode and send if it is due."""
+        """Called by the step callback after step `step` (0-based): decode and send if it is due.
+        A partial is a nicety: one that fails is logged and the rest are skipped, never the job."""
         index = self.at.get(step)
         if index is None or self._latest is None:
             return
+        try:
+            self._send(pipe, step, timestep, index)
+        except Exception:
+            log.exception("partial image %d failed; no more partials for this job", index)
+            self.at = {}
+
+    def _send(self, pipe: Any, step: int, timestep: Any, index: int) -> None:
         images = self._decode(pipe, self._clean_estimate(pipe, step, timestep))
         for image_index, pixels in enumerate(images):
             encoded = media.finalize_image(
@@ -126,7 +137,8 @@ class PartialDecoder:
         shape = (target.height // _LATENT_GRID, target.width // _LATENT_GRID)
         if shape != tuple(latents.shape[-2:]):
             latents = F.interpolate(latents, size=shape, mode="bilinear", align_corners=False)
-        weight = next(vae.parameters())
-        image = vae.decode(latents.to(weight.device, weight.dtype), return_dict=False)[0]
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        image = vae.decode(latents.to(get_module_execution_device(vae), vae.dtype), return_dict=False)[0]
         images: list[Any] = pipe.image_processor.postprocess(image, output_type="pil")
         return images

@@ -162,7 +162,9 @@ class _Pipelines:
         latent_h, latent_w = plan.height // GRID, plan.width // GRID
         every = max(1, plan.steps // 4)
         partials: PartialDecoder | None = None
-        if job.partial_images:
+        # Under model CPU offload a VAE decode between steps would push the transformer (64 GB) off
+        # the GPU and back for every partial: no partials there (the completed image still comes).
+        if job.partial_images and getattr(pipe, "_offload_device", None) is None:
             step_now = [0, plan.steps]
 
             def emit(partial: PartialImage) -> None:
