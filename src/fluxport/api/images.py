@@ -243,7 +243,7 @@ def _respond(request: Request, service: ImageService, done: Completed) -> JSONRe
     headers = {
         "x-fluxport-provider": done.provider,
         "x-fluxport-attempts": ",".join(done.attempts),
-        "x-fluxport-normalization": ", ".join(f"{k}={v}" for k, v in sorted(done.normalization.items())),
+        "x-fluxport-normalization": done.normalization_text(),
         "x-fluxport-cost-usd": f"{done.usage.cost_usd if done.usage else 0.0:.6f}",
     }
     return JSONResponse(body, headers=headers)

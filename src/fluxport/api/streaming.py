@@ -191,7 +191,7 @@ def completed_events(done: Completed, look: _Look, base: str, ttl_s: int) -> lis
     """One completed event per image, in order; `usage` is the whole request's on each."""
     kind = f"{look.prefix}.completed"
     usage = done.usage.to_wire() if done.usage is not None else None
-    normalization = ", ".join(f"{k}={v}" for k, v in sorted(done.normalization.items()))
+    normalization = done.normalization_text()
     events = []
     for index, img in enumerate(done.images):
         data: dict[str, Any] = {

@@ -61,6 +61,10 @@ class Completed:
     attempts: list[str] = field(default_factory=list)
     created: int = 0
 
+    def normalization_text(self) -> str:
+        """The report as x-fluxport-normalization says it: "param=behaviour, ..." by name."""
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.normalization.items()))
+
 
 @dataclass(frozen=True)
 class DryRun:
