@@ -98,13 +98,13 @@ def test_compile_and_step_cache_are_refused_together() -> None:
 
 
 def test_the_banner_says_where_flux2_dev_runs(tmp_path: Any) -> None:
-    from fluxport.providers.local.pipeline import placement_note, resident_bytes
+    from fluxport.providers.local.placement import placement_note, stored_bytes
 
     for name, gib in (("transformer", 60), ("text_encoder", 45), ("vae", 1)):
         (tmp_path / name).mkdir()
         with (tmp_path / name / "model.safetensors").open("wb") as f:
             f.truncate(gib * 1024**3)  # sparse: the size is what counts
-    assert resident_bytes(tmp_path) == 106 * 1024**3
+    assert sum(stored_bytes(tmp_path).values()) == 106 * 1024**3
     note = placement_note(Settings(local_weights=tmp_path, local_device="cpu"))
     assert note == "FLUX.2 [dev] on the CPU (about 212 GB in fp32): minutes per image."
     assert placement_note(Settings()) is None

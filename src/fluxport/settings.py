@@ -14,7 +14,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
     from fluxport.storage.engine import PoolSizing
@@ -144,6 +144,46 @@ class Settings(BaseSettings):
     local_step_cache_warmup_steps: int = Field(
         default=3, ge=1, le=50, description="TaylorSeer: first steps always computed in full."
     )
+    # Weights and placement (README "Your own GPUs" gives the memory each needs). FLUX.2 [dev] is
+    # a 32B transformer (64 GB in bf16) and a 24B Mistral text encoder (48 GB in bf16).
+    local_quantize: Literal["off", "fp8", "nf4"] = Field(
+        default="off",
+        description="The transformer blocks' weights: fp8 (torchao; 32 GB, dynamic FP8 matmuls on "
+        "H100-class GPUs, weight-only elsewhere) or nf4 (bitsandbytes 4-bit; about 18 GB).",
+    )
+    local_quantize_text_encoder: bool = Field(
+        default=False,
+        description="Quantise the text encoder's language layers the same way (fp8: 24 GB; nf4: 13 GB).",
+    )
+    local_text_encoder_device: str | None = Field(
+        default=None,
+        pattern=r"^(cpu|cuda(:[0-9]+)?)$",
+        description="Run the text encoder here (another GPU, or cpu) instead of with the transformer.",
+    )
+    local_offload: Literal["auto", "none", "model", "group"] = Field(
+        default="auto",
+        description="auto: resident when it fits, else model offload; model: one component on the "
+        "GPU at a time; group: the transformer's blocks stream in from pinned CPU memory (small cards).",
+    )
+    local_group_offload_blocks: int = Field(
+        default=2, ge=1, le=64, description="Group offload: transformer blocks moved to the GPU per group."
+    )
+    # Batching: concurrent jobs with the same size, steps, guidance and model run in one call.
+    local_batch_images: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="Most images one pipeline call may run for several waiting jobs (1: no batching).",
+    )
+    local_batch_megapixels: float = Field(
+        default=4.2,
+        gt=0,
+        description="Most megapixels one batched call may generate: the activations' memory bound.",
+    )
+    local_warm: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Local models to load (and compile) at start, before serving: comma-separated.",
+    )
 
     # Hosted providers (keys use the providers' own variable names)
     fal_key: str | None = Field(default=None, validation_alias=AliasChoices("FAL_KEY", "FLUXPORT_FAL_KEY"))
@@ -267,6 +307,34 @@ class Settings(BaseSettings):
             raise ValueError(
                 "FLUXPORT_LOCAL_COMPILE and FLUXPORT_LOCAL_STEP_CACHE do not combine: the cache's hooks "
                 "break the transformer's compiled graph (diffusers 0.42); choose one"
+            )
+        return self
+
+    @field_validator("local_warm", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _local_placement(self) -> Settings:
+        local = ("flux.2-dev", "flux.2-dev-flash", "flux.2-dummy")
+        for model in self.local_warm:
+            if model not in local:
+                raise ValueError(f"FLUXPORT_LOCAL_WARM: {model!r} is not a local model ({', '.join(local)})")
+        if self.local_quantize_text_encoder and self.local_quantize == "off":
+            raise ValueError("FLUXPORT_LOCAL_QUANTIZE_TEXT_ENCODER needs FLUXPORT_LOCAL_QUANTIZE=fp8 or nf4")
+        nf4 = self.local_quantize == "nf4"
+        if nf4 and self.local_offload in ("model", "group"):
+            raise ValueError(
+                f"FLUXPORT_LOCAL_QUANTIZE=nf4 and FLUXPORT_LOCAL_OFFLOAD={self.local_offload} do not "
+                "combine: bitsandbytes quantises the weights on their way to the GPU, where they stay"
+            )
+        if self.local_offload == "model" and self.local_text_encoder_device:
+            raise ValueError(
+                "FLUXPORT_LOCAL_OFFLOAD=model moves every component to one GPU in turn; "
+                "FLUXPORT_LOCAL_TEXT_ENCODER_DEVICE needs auto, none or group"
             )
         return self
 

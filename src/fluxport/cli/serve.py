@@ -208,7 +208,7 @@ _SET_VAR = re.compile(r"\bset ([A-Z][A-Z0-9_]+)")
 def _placement(settings: Settings) -> str | None:
     if settings.local_weights is None:
         return None
-    from fluxport.providers.local.pipeline import placement_note
+    from fluxport.providers.local.placement import placement_note
 
     return placement_note(settings)
 

@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 from fluxport.domain.errors import FluxportError, InvalidRequest, ProviderFailure
 from fluxport.providers.base import PartialImage, ProgressCallback, ProgressEvent
 from fluxport.providers.local.partials import PartialDecoder
+from fluxport.providers.local.placement import encode_prompts, place, quantize, text_encoder_device
 from fluxport.providers.local.plan import _Plan
 from fluxport.providers.local.worker import _Cancelled, _Task
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from PIL.Image import Image
 
     from fluxport.settings import Settings
@@ -67,9 +66,9 @@ class _Pipelines:
         from fluxport.providers.local.dummy import build_dummy_pipeline, ensure_processor_shape
 
         if family == "dummy":
-            progress(ProgressEvent(stage="loading", step=0, total=1, message="building flux.2-dummy"))
+            progress(ProgressEvent(stage="loading", step=0, total=3, message="building flux.2-dummy"))
             pipe = build_dummy_pipeline()
-            progress(ProgressEvent(stage="loading", step=1, total=1, message="flux.2-dummy ready"))
+            where = "flux.2-dummy"
         else:
             # Untyped on purpose: the library's partial annotations trip mypy --strict.
             diffusers: Any = importlib.import_module("diffusers")
@@ -77,16 +76,23 @@ class _Pipelines:
             weights = self.settings.local_weights
             assert weights is not None  # _check_servable made sure
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            progress(ProgressEvent(stage="loading", step=0, total=2, message=f"reading {weights}"))
+            progress(ProgressEvent(stage="loading", step=0, total=3, message=f"reading {weights}"))
             try:
                 pipe = diffusers.Flux2Pipeline.from_pretrained(
                     str(weights), torch_dtype=dtype, local_files_only=True
                 )
-                progress(ProgressEvent(stage="loading", step=1, total=2, message=f"moving to {device}"))
-                _place(pipe, device)
             except Exception as exc:
                 raise _failure(exc, f"loading FLUX.2 [dev] from {weights}") from exc
-            progress(ProgressEvent(stage="loading", step=2, total=2, message="flux.2-dev ready"))
+            where = "flux.2-dev"
+        try:
+            for done in quantize(pipe, self.settings, device):
+                progress(ProgressEvent(stage="loading", step=1, total=3, message=f"quantised the {done}"))
+            placed = place(pipe, self.settings, device)
+        except FluxportError:
+            raise
+        except Exception as exc:
+            raise _failure(exc, f"placing {where} on {device}") from exc
+        progress(ProgressEvent(stage="loading", step=2, total=3, message=f"{where}: {placed}"))
         ensure_processor_shape(pipe.tokenizer)
         pipe.set_progress_bar_config(disable=True)
         # Decode a batch one image at a time: the decoder's full-resolution activations are the
@@ -96,6 +102,7 @@ class _Pipelines:
         _enable_step_cache(pipe, self.settings)
         if self.settings.local_compile:
             _compile(pipe, progress)
+        progress(ProgressEvent(stage="loading", step=3, total=3, message=f"{where} ready"))
         self._pipes[family] = pipe
         return pipe
 
@@ -123,29 +130,40 @@ class _Pipelines:
 
     def execute(self, plan: _Plan, task: _Task, progress: ProgressCallback) -> _Output:
         """Runs on the device worker thread."""
+        return self.execute_batch([_Job(plan, task, progress)])[0]
+
+    def execute_batch(self, jobs: list[_Job]) -> list[_Output]:
+        """Several waiting jobs with the same batch key (plan.batch_key) in one pipeline call; one
+        output per job. Runs on the device worker thread."""
         try:
-            return self._execute_unchecked(plan, task, progress)
+            return self._execute_unchecked(jobs)
         except (_Cancelled, FluxportError):
             raise
         except Exception as exc:
-            raise _failure(exc, f"generating with {plan.job.model}") from exc
+            raise _failure(exc, f"generating with {jobs[0].plan.job.model}") from exc
 
-    def _execute_unchecked(self, plan: _Plan, task: _Task, progress: ProgressCallback) -> _Output:
+    def _execute_unchecked(self, jobs: list[_Job]) -> list[_Output]:
         import PIL.Image
         import torch
 
-        pipe = self.ensure_pipeline(plan.family, plan.device, progress)
+        plan = jobs[0].plan  # the batch key makes the pipeline arguments the same for every job
+
+        def tell(event: ProgressEvent) -> None:
+            for one in jobs:
+                one.progress(event)
+
+        pipe = self.ensure_pipeline(plan.family, plan.device, tell)
         if plan.lora:
-            self.ensure_lora(progress)
+            self.ensure_lora(tell)
             pipe.enable_lora()
         elif plan.lora is False and self._lora_loaded:
             pipe.disable_lora()
-        if task.cancel.is_set():
+        if all(one.task.cancel.is_set() for one in jobs):
             raise _Cancelled
 
         job = plan.job
         references: list[Image] = []
-        for ref in job.references:
+        for ref in job.references:  # a job with references is never batched (plan.batch_key)
             try:
                 with PIL.Image.open(io.BytesIO(ref.data)) as img:
                     references.append(img.convert("RGB"))
@@ -153,11 +171,18 @@ class _Pipelines:
                 raise InvalidRequest(f"A reference image could not be decoded: {exc}", param="image") from exc
 
         began = time.monotonic()
-        prompt = job.prompt
         revised: str | None = None
-        if job.prompt_enhancement:
-            revised = _upsample(pipe, plan, references) or prompt
-            prompt = revised
+        if len(jobs) == 1:
+            prompts = [job.prompt]
+            if job.prompt_enhancement:
+                revised = _upsample(pipe, plan, references, self.settings) or job.prompt
+                prompts = [revised]
+            per_prompt = job.n
+        else:  # one prompt per image, in job order; each image keeps its own seed's noise
+            prompts = [one.plan.job.prompt for one in jobs for _ in range(one.plan.job.n)]
+            per_prompt = 1
+            message = f"batched with {len(jobs) - 1} other job(s): {len(prompts)} images in one call"
+            tell(ProgressEvent(stage="step", step=0, total=plan.steps, message=message))
 
         latent_h, latent_w = plan.height // GRID, plan.width // GRID
         every = max(1, plan.steps // 4)
@@ -166,6 +191,7 @@ class _Pipelines:
         # the GPU and back for every partial: no partials there (the completed image still comes).
         if job.partial_images and getattr(pipe, "_offload_device", None) is None:
             step_now = [0, plan.steps]
+            progress = jobs[0].progress  # a job asking for partials is never batched
 
             def emit(partial: PartialImage) -> None:
                 progress(ProgressEvent(stage="step", step=step_now[0], total=step_now[1], partial=partial))
@@ -175,7 +201,7 @@ class _Pipelines:
             )
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            if task.cancel.is_set():
+            if all(one.task.cancel.is_set() for one in jobs):
                 p._interrupt = True
                 raise _Cancelled
             total = p.num_timesteps
@@ -185,20 +211,21 @@ class _Pipelines:
                 partials.after_step(p, i, t)
             elif (i + 1) % every == 0 and i + 1 < total:
                 preview = _preview_png(kwargs["latents"], latent_h, latent_w)
-            progress(ProgressEvent(stage="step", step=i + 1, total=total, preview=preview))
+            tell(ProgressEvent(stage="step", step=i + 1, total=total, preview=preview))
             if i + 1 == total:
-                progress(ProgressEvent(stage="decoding", step=total, total=total))
+                tell(ProgressEvent(stage="decoding", step=total, total=total))
             return kwargs
 
         # CPU generators: the same noise on any device; torch seeds are 64-bit.
-        generators = [torch.Generator(device="cpu").manual_seed(s % 2**64) for s in plan.seeds]
+        generators = [
+            torch.Generator(device="cpu").manual_seed(s % 2**64) for one in jobs for s in one.plan.seeds
+        ]
         call: dict[str, Any] = {
-            "prompt": prompt,
             "height": plan.height,
             "width": plan.width,
             "num_inference_steps": plan.steps,
             "guidance_scale": plan.guidance,
-            "num_images_per_prompt": job.n,
+            "num_images_per_prompt": per_prompt,
             "generator": generators,
             "output_type": "pil",
             "callback_on_step_end": on_step,
@@ -209,41 +236,37 @@ class _Pipelines:
             call["image"] = references
         try:
             with torch.inference_mode(), _step_cache_context(pipe):
-                images = pipe(**call).images
+                call |= encode_prompts(pipe, prompts, self.settings)
+                images = [img.convert("RGB") for img in pipe(**call).images]
         finally:
             if partials is not None:
                 partials.close()
         finished = time.monotonic()
-        progress(ProgressEvent(stage="done", step=plan.steps, total=plan.steps))
-        return _Output(
-            images=[img.convert("RGB") for img in images],
-            revised_prompt=revised,
-            generation_s=finished - began,
-            finished=finished,
-        )
+        tell(ProgressEvent(stage="done", step=plan.steps, total=plan.steps))
+        outputs = []
+        for one in jobs:
+            mine, images = images[: one.plan.job.n], images[one.plan.job.n :]
+            outputs.append(
+                _Output(
+                    images=mine,
+                    revised_prompt=revised,
+                    generation_s=finished - began,
+                    finished=finished,
+                )
+            )
+        return outputs
 
 
-def _place(pipe: Any, device: str) -> None:
-    """Keep everything resident when it fits (H200); otherwise offload per component (H100)."""
-    import torch
+@dataclass
+class _Job:
+    """One job of a pipeline call: its plan, its worker task (cancel flag) and its progress."""
 
-    if not device.startswith("cuda"):
-        pipe.to(device)
-        return
-    need = sum(
-        p.numel() * p.element_size()
-        for name in ("transformer", "text_encoder", "vae")
-        for p in getattr(pipe, name).parameters()
-    )
-    free, _total = torch.cuda.mem_get_info(torch.device(device))
-    # Leave room for activations at 1-4 MP and a few references.
-    if need < free - 8 * 1024**3:
-        pipe.to(device)
-    else:
-        pipe.enable_model_cpu_offload(device=device)
+    plan: _Plan
+    task: _Task
+    progress: ProgressCallback
 
 
-def _upsample(pipe: Any, plan: _Plan, references: list[Image]) -> str:
+def _upsample(pipe: Any, plan: _Plan, references: list[Image], settings: Settings) -> str:
     """Rewrite the prompt with the text encoder; seeded so the same job gets the same rewrite."""
     import torch
 
@@ -258,7 +281,7 @@ def _upsample(pipe: Any, plan: _Plan, references: list[Image]) -> str:
             # One list of images per prompt; several are concatenated into one by the pipeline.
             images=[references] if references else None,
             temperature=UPSAMPLE_TEMPERATURE,
-            device=pipe._execution_device,
+            device=text_encoder_device(pipe, settings),
         )
     return str(out[0]).strip()
 
@@ -342,34 +365,3 @@ def _compile(pipe: Any, progress: ProgressCallback) -> None:
         pipe(prompt="warm-up", height=256, width=256, num_inference_steps=1, output_type="latent")
     took = time.monotonic() - started
     progress(ProgressEvent(stage="loading", step=1, total=1, message=f"compiled in {took:.0f} s"))
-
-
-_COMPONENTS = ("transformer", "text_encoder", "vae")
-_HEADROOM = 8 * 1024**3  # activations at 1-4 MP and a few references
-
-
-def resident_bytes(weights: Path) -> int:
-    """What FLUX.2 [dev]'s components take in memory: their safetensors as stored (bf16)."""
-    return sum(f.stat().st_size for name in _COMPONENTS for f in (weights / name).glob("*.safetensors"))
-
-
-def placement_note(settings: Settings) -> str | None:
-    """For the start banner: where FLUX.2 [dev] will run and what that costs (None: no weights)."""
-    weights = settings.local_weights
-    if weights is None:
-        return None
-    try:
-        import torch
-    except ImportError:
-        return None  # the provider says itself that the local extra is missing
-    need = resident_bytes(weights)
-    gib = 1024**3
-    if settings.local_device == "cpu" or not torch.cuda.is_available():
-        return f"FLUX.2 [dev] on the CPU (about {2 * need / gib:.0f} GB in fp32): minutes per image."
-    free, _total = torch.cuda.mem_get_info()
-    if need < free - _HEADROOM:
-        return f"FLUX.2 [dev] stays resident on the GPU ({need / gib:.0f} GB of {free / gib:.0f} GB free)."
-    return (
-        f"FLUX.2 [dev] needs {need / gib:.0f} GB resident and this GPU has {free / gib:.0f} GB free: "
-        "it runs with model CPU offload, about 2-4 s slower per component swap (several per job)."
-    )
