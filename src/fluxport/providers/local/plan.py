@@ -45,6 +45,15 @@ class _Plan:
     seeds: tuple[int, ...]
     normalization: dict[str, Behaviour]
 
+    def batch_key(self) -> tuple[object, ...] | None:
+        """What waiting jobs must share to run in one pipeline call (None: this one runs alone).
+        References, prompt enhancement and partial images are per job, so they run alone."""
+        job = self.job
+        if job.references or job.prompt_enhancement or job.partial_images:
+            return None
+        shape = (self.width, self.height, self.steps, self.guidance, self.sigmas)
+        return (self.family, self.device, *shape, self.lora)
+
 
 def plan_job(
     job: ImageJob, caps: Capabilities, settings: Settings, device_for: Callable[[str], str]

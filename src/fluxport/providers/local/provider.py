@@ -21,9 +21,9 @@ from fluxport.providers.base import (
     ProviderState,
     SizePolicy,
 )
-from fluxport.providers.local.pipeline import _Output, _Pipelines
+from fluxport.providers.local.pipeline import _Job, _Output, _Pipelines
 from fluxport.providers.local.plan import DEV, DUMMY, FLASH, MODELS, _Plan, plan_job
-from fluxport.providers.local.worker import _DeviceWorker, _Task
+from fluxport.providers.local.worker import BatchLimits, _DeviceWorker, _Task
 
 if TYPE_CHECKING:
     from fluxport.settings import Settings
@@ -175,7 +175,11 @@ class LocalProvider:
         with self._workers_lock:
             worker = self._workers.get(device)
             if worker is None:
-                worker = _DeviceWorker(device, self.settings.local_queue_size)
+                limits = BatchLimits(
+                    images=self.settings.local_batch_images,
+                    pixels=int(self.settings.local_batch_megapixels * 1_000_000),
+                )
+                worker = _DeviceWorker(device, self.settings.local_queue_size, limits)
                 self._workers[device] = worker
             return worker
 
@@ -186,7 +190,15 @@ class LocalProvider:
         start = time.monotonic()
         plan = self._plan(job)
         worker = self._worker(plan.device)
-        task, ahead = worker.submit(lambda t: self._pipelines.execute(plan, t, progress))
+        key = plan.batch_key() if self.settings.local_batch_images > 1 else None
+        task, ahead = worker.submit(
+            lambda t: self._pipelines.execute(plan, t, progress),
+            batch_key=key,
+            images=job.n,
+            pixels=job.n * plan.width * plan.height,
+            run_batch=self._run_batch if key is not None else None,
+            payload=(plan, progress),
+        )
         progress(ProgressEvent(stage="queued", step=0, total=0, message=f"{ahead} job(s) ahead"))
         try:
             output: _Output = await task.future
@@ -210,6 +222,10 @@ class LocalProvider:
             revised_prompt=output.revised_prompt,
             normalization=plan.normalization,
         )
+
+    def _run_batch(self, tasks: list[_Task]) -> list[_Output]:
+        """Several waiting jobs with one batch key in one pipeline call (on the worker thread)."""
+        return self._pipelines.execute_batch([_Job(t.payload[0], t, t.payload[1]) for t in tasks])
 
     def _check_servable(self, model: str) -> None:
         if self._closed:
