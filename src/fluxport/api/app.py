@@ -32,6 +32,7 @@ from fluxport.live import LiveState
 from fluxport.memory import release_forever
 from fluxport.metrics import Metrics
 from fluxport.providers.local import LocalProvider
+from fluxport.providers.local.warm import warm
 from fluxport.providers.registry import build_providers, model_providers
 from fluxport.settings import Settings
 from fluxport.storage.blobs import open_blob_store
@@ -236,6 +237,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         local = providers.get("local")
         if isinstance(local, LocalProvider):
             app.state.metrics.track_queue("local", local.queue_depths)
+            if settings.local_warm:  # before the server listens: the first request pays nothing
+                await warm(local, settings.local_warm)
         app.state.settings = settings
         app.state.service = service
         await _keys_and_idempotency(app, settings, db)
