@@ -143,6 +143,7 @@ def test_group_offload_gives_the_same_images(plain: np.ndarray[Any, Any]) -> Non
     [
         ({"local_quantize": "nf4", "local_offload": "group"}, "do not combine"),
         ({"local_quantize_text_encoder": True}, "needs FLUXPORT_LOCAL_QUANTIZE"),
+        ({"local_compile": True, "local_offload": "group"}, "LOCAL_OFFLOAD=group do not combine"),
         ({"local_offload": "model", "local_text_encoder_device": "cuda:1"}, "needs auto, none or group"),
         ({"local_text_encoder_device": "gpu1"}, "local_text_encoder_device"),
         ({"local_warm": "flux.2-dev,sdxl"}, "'sdxl' is not a local model"),

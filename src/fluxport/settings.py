@@ -331,6 +331,11 @@ class Settings(BaseSettings):
                 f"FLUXPORT_LOCAL_QUANTIZE=nf4 and FLUXPORT_LOCAL_OFFLOAD={self.local_offload} do not "
                 "combine: bitsandbytes quantises the weights on their way to the GPU, where they stay"
             )
+        if self.local_compile and self.local_offload == "group":
+            raise ValueError(
+                "FLUXPORT_LOCAL_COMPILE and FLUXPORT_LOCAL_OFFLOAD=group do not combine: the offload "
+                "hooks are excluded from the compiled graph (diffusers 0.42); choose one"
+            )
         if self.local_offload == "model" and self.local_text_encoder_device:
             raise ValueError(
                 "FLUXPORT_LOCAL_OFFLOAD=model moves every component to one GPU in turn; "

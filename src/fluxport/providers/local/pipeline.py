@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 from fluxport.domain.errors import FluxportError, InvalidRequest, ProviderFailure
 from fluxport.providers.base import PartialImage, ProgressCallback, ProgressEvent
 from fluxport.providers.local.partials import PartialDecoder
-from fluxport.providers.local.placement import encode_prompts, place, quantize, text_encoder_device
+from fluxport.providers.local.placement import (
+    encode_prompts,
+    offload_mode,
+    place,
+    quantize,
+    text_encoder_device,
+)
 from fluxport.providers.local.plan import _Plan
 from fluxport.providers.local.worker import _Cancelled, _Task
 
@@ -85,9 +91,10 @@ class _Pipelines:
                 raise _failure(exc, f"loading FLUX.2 [dev] from {weights}") from exc
             where = "flux.2-dev"
         try:
+            offload = offload_mode(pipe, self.settings, device)
             for done in quantize(pipe, self.settings, device):
                 progress(ProgressEvent(stage="loading", step=1, total=3, message=f"quantised the {done}"))
-            placed = place(pipe, self.settings, device)
+            placed = place(pipe, self.settings, device, offload)
         except FluxportError:
             raise
         except Exception as exc:

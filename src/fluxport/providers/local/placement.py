@@ -110,19 +110,26 @@ def _to_nf4(root: Any, device: str, compute_dtype: Any, wanted: Any) -> int:
     return len(swaps)
 
 
-def place(pipe: Any, settings: Settings, device: str) -> str:
-    """Put the pipeline's components where FLUXPORT_LOCAL_OFFLOAD and _TEXT_ENCODER_DEVICE say;
-    returns the placement in words (the loading progress says it)."""
+def offload_mode(pipe: Any, settings: Settings, device: str) -> str:
+    """FLUXPORT_LOCAL_OFFLOAD resolved: "auto" keeps everything resident when it fits with room
+    for activations, else offloads model by model. Asked before quantising (sizes in bf16)."""
+    import torch
+
+    if settings.local_offload != "auto":
+        return settings.local_offload
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        if gpu_bytes(pipe, settings, device) > free - HEADROOM:
+            return "model"
+    return "none"
+
+
+def place(pipe: Any, settings: Settings, device: str, mode: str) -> str:
+    """Put the pipeline's components where `mode` (offload_mode) and
+    FLUXPORT_LOCAL_TEXT_ENCODER_DEVICE say; returns the placement in words (shown while loading)."""
     import torch
 
     text_device = settings.local_text_encoder_device
-    mode = settings.local_offload
-    if mode == "auto":
-        mode = "none"
-        if device.startswith("cuda"):
-            free, _total = torch.cuda.mem_get_info(torch.device(device))
-            if gpu_bytes(pipe, settings, device) > free - HEADROOM:
-                mode = "model"
     if mode == "model":
         pipe.enable_model_cpu_offload(device=device)
         return f"model CPU offload onto {device}"
@@ -170,7 +177,7 @@ def encode_prompts(pipe: Any, prompts: list[str], settings: Settings) -> dict[st
 
 
 def gpu_bytes(pipe: Any, settings: Settings, device: str) -> int:
-    """What the loaded components will take on `device` once quantised and placed."""
+    """What the loaded, not yet quantised components will take on `device` once quantised."""
     total = 0
     for name in COMPONENTS:
         if name == "text_encoder" and settings.local_text_encoder_device not in (None, device):
