@@ -74,7 +74,7 @@ def test_gpu_benchmark_runs_its_modes_on_the_dummy() -> None:
             "--repeat",
             "1",
             "--modes",
-            "plain,taylorseer,turbo-8",
+            "plain,taylorseer,turbo-8,batch-2,group,fp8,nf4",
         ],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -85,5 +85,5 @@ def test_gpu_benchmark_runs_its_modes_on_the_dummy() -> None:
     out = done.stdout
     assert done.returncode == 0, f"exit {done.returncode}\n{out[-3000:]}\n{done.stderr[-3000:]}"
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
-    assert list(rows) == ["plain", "taylorseer", "turbo-8"], out
+    assert list(rows) == ["plain", "taylorseer", "turbo-8", "batch-2", "group", "fp8", "nf4"], out
     assert rows["plain"][-1] == "1.00" and all(float(r[2]) > 0 for r in rows.values()), out

@@ -108,7 +108,7 @@ class _Pipelines:
         pipe.vae.enable_slicing()
         _enable_step_cache(pipe, self.settings)
         if self.settings.local_compile:
-            _compile(pipe, progress)
+            _compile(pipe, self.settings, progress)
         progress(ProgressEvent(stage="loading", step=3, total=3, message=f"{where} ready"))
         self._pipes[family] = pipe
         return pipe
@@ -360,7 +360,7 @@ def _step_cache_context(pipe: Any) -> Iterator[None]:
         yield
 
 
-def _compile(pipe: Any, progress: ProgressCallback) -> None:
+def _compile(pipe: Any, settings: Settings, progress: ProgressCallback) -> None:
     """FLUXPORT_LOCAL_COMPILE: regional torch.compile of the transformer's repeated blocks, then
     one small call so the compile happens here, reported as loading, not in a user's first job."""
     import torch
@@ -369,6 +369,7 @@ def _compile(pipe: Any, progress: ProgressCallback) -> None:
     started = time.monotonic()
     pipe.transformer.compile_repeated_blocks(fullgraph=True)
     with torch.inference_mode():
-        pipe(prompt="warm-up", height=256, width=256, num_inference_steps=1, output_type="latent")
+        prompt = encode_prompts(pipe, ["warm-up"], settings)
+        pipe(**prompt, height=256, width=256, num_inference_steps=1, output_type="latent")
     took = time.monotonic() - started
     progress(ProgressEvent(stage="loading", step=1, total=1, message=f"compiled in {took:.0f} s"))
