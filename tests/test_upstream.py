@@ -177,6 +177,23 @@ def test_vllm_omni_gets_its_native_fields(vllm: OpenAIImagesEmulator, tmp_path: 
     assert result.usage is not None and result.usage.model_dump()["cost_usd"] == pytest.approx(0.02)
 
 
+def test_the_upstream_key_goes_with_its_own_image_links(tmp_path: Path) -> None:
+    """An upstream started with an API key guards its /content files as well: the download from
+    its own origin carries the key."""
+    with OpenAIImagesEmulator(EmulatorConfig(run=0.05), flavour="sglang", api_key="sk") as guarded:
+        guarded.answer_urls = True
+        live = start_server(tmp_path, upstreams=[upstream("sgl", guarded.api, api_key="sk")])
+        try:
+            result = live.client().images.generate(
+                model="flux.2-dev", prompt="keyed links", size="256x256", response_format="b64_json"
+            )
+        finally:
+            live.stop()
+    download = next(r for r in guarded.requests if r.method == "GET" and r.path.endswith("/content"))
+    assert download.headers.get("authorization") == "Bearer sk"
+    assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (256, 256)
+
+
 def test_a_relative_url_answer_is_downloaded_from_the_upstream(
     sglang: OpenAIImagesEmulator, tmp_path: Path
 ) -> None:

@@ -127,6 +127,9 @@ class OpenAIImagesEmulator(Emulator):
 
     async def content(self, request: Request) -> Response:
         await self.record(request)
+        refused = self._refused(request)  # a server started with an API key guards its files too
+        if refused is not None:
+            return refused
         data = self._content.get(request.path_params["id"])
         return Response(data, media_type="image/png") if data else Response(b"not found", 404)
 

@@ -403,9 +403,12 @@ class Http:
             raise ProviderFailure(f"{self.provider}: the {what} answer is not a JSON object.")
         return body
 
-    async def download(self, url: str) -> tuple[bytes, float]:
+    async def download(
+        self, url: str, *, credentials: Mapping[str, str] | None = None, origin: str | None = None
+    ) -> tuple[bytes, float]:
         """The bytes at `url` (a data: URI, or a URL the download guard allows at every redirect
-        hop), size-capped and time-limited; also when the first byte came."""
+        hop), size-capped and time-limited; also when the first byte came. `credentials` (headers)
+        go only to hops on `origin`, never to a host a redirect leads to."""
         if url.startswith("data:"):
             return _decode_data_uri(url, self.provider, self.policy.max_image_bytes), time.monotonic()
         transient = 0
@@ -413,7 +416,7 @@ class Http:
             async with asyncio.timeout(self.policy.download_timeout_s):
                 while True:
                     try:
-                        return await self._download_once(url)
+                        return await self._download_once(url, credentials, origin)
                     except (*TRANSPORT_ERRORS, _Transient) as exc:
                         if transient >= self.policy.transient_retries:
                             raise ProviderFailure(
@@ -426,8 +429,11 @@ class Http:
                 f"{self.provider}: image download took over {self.policy.download_timeout_s:g} s."
             ) from exc
 
-    async def _download_once(self, url: str) -> tuple[bytes, float]:
+    async def _download_once(
+        self, url: str, credentials: Mapping[str, str] | None, origin: str | None
+    ) -> tuple[bytes, float]:
         target: str | URL = url
+        owner = _origin(URL(origin)) if origin else None
         for _hop in range(self.guard.max_redirects + 1):
             try:
                 checked = await self.guard.check(target)
@@ -435,16 +441,17 @@ class Http:
                 raise ProviderFailure(
                     f"{self.provider}: refused to download the result image from {_shown(target)}: {exc}."
                 ) from None
-            result = await self._fetch(checked)
+            headers = credentials if credentials and owner == _origin(checked) else None
+            result = await self._fetch(checked, headers)
             if isinstance(result, URL):
                 target = result  # a redirect: the next hop is checked like the first
                 continue
             return result
         raise ProviderFailure(f"{self.provider}: the image download redirected too many times.")
 
-    async def _fetch(self, url: URL) -> tuple[bytes, float] | URL:
+    async def _fetch(self, url: URL, headers: Mapping[str, str] | None) -> tuple[bytes, float] | URL:
         """The image bytes, or the next URL when the answer is a redirect."""
-        async with self.session.get(url, allow_redirects=False) as response:
+        async with self.session.get(url, allow_redirects=False, headers=headers) as response:
             first_byte = time.monotonic()
             if response.status in _REDIRECTS:
                 location = response.headers.get("location")

@@ -198,7 +198,10 @@ class UpstreamProvider:
                 raise ProviderFailure(f"{self.name}: malformed base64 in b64_json.") from exc
         link = item.get("url")
         if isinstance(link, str) and link:
-            data, _first_byte = await self._http.download(urljoin(self._base + "/", link))
+            # Its own links get its key (SGLang started with --api-key guards them too); a host
+            # a redirect leads elsewhere does not.
+            url = urljoin(self._base + "/", link)
+            data, _first_byte = await self._http.download(url, credentials=self._auth, origin=self._base)
             return data
         # SGLang-Diffusion answers an empty b64_json when asked to stream (sgl-project/sglang#24240).
         raise ProviderFailure(f"{self.name} returned an image entry with neither b64_json nor url.")
