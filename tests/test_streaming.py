@@ -326,6 +326,39 @@ def test_hosted_stream_sends_the_completed_image_and_keeps_alive(
     )
 
 
+def test_a_streamed_duplicate_of_a_running_key_is_told_to_retry_then_replayed(
+    hosted: LiveServer, fal: FalEmulator
+) -> None:
+    """No silent wait: the duplicate gets 409 idempotency_key_in_progress with Retry-After at
+    once (a wait would have ended in a replay); the SDK's own retry, the first done, gets its
+    completed event. fal bills once."""
+    before = len(fal.ledger)
+    client = hosted.client(max_retries=2)  # the SDK's default
+    key = {"Idempotency-Key": f"running-{time.time_ns()}"}
+
+    def call(c: openai.OpenAI) -> Any:
+        return c.images.generate(
+            model="flux.2-dev",
+            prompt="dup",
+            size="512x512",
+            stream=True,
+            extra_body={"provider": "fal"},
+            extra_headers=key,
+        )
+
+    first = call(client)  # the headers are in: it runs (fal: ~0.45 s)
+    with pytest.raises(openai.ConflictError) as refused:
+        call(client.with_options(max_retries=0))
+    error = refused.value.response.json()["error"]
+    assert error["code"] == "idempotency_key_in_progress" and error["param"] == "Idempotency-Key"
+    assert int(refused.value.response.headers["retry-after"]) >= 1
+    generated = list(first)
+    retried = list(call(client))
+    assert [type(e) for e in retried] == [type(e) for e in generated] == [ImageGenCompletedEvent]
+    assert retried[0].b64_json == generated[0].b64_json
+    assert len(fal.ledger) == before + 1  # generated once
+
+
 def test_a_stream_that_fails_over_ends_in_one_image_billed_once(
     hosted: LiveServer, fal: FalEmulator, replicate: ReplicateEmulator
 ) -> None:

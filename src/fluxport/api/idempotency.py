@@ -2,14 +2,18 @@
 
 An answer is held per (API key, Idempotency-Key) for `idempotency_ttl_s`. A duplicate that arrives
 while the first is running waits for it: on an in-process future, or by polling the database when
-the first runs in another process. 2xx and 4xx answers are kept; 5xx, 429 and 403 (budget) are not,
-so that the client's retry runs again.
+the first runs in another process. A streamed duplicate does not wait in silence (no event could
+flow while it waited): it gets 409 idempotency_key_in_progress with Retry-After, which the SDKs
+retry, and the retry after the first has finished gets its completed events.
+2xx and 4xx answers are kept; 5xx, 429 and 403 (budget) are not, so that the client's retry runs
+again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -20,7 +24,12 @@ from starlette.responses import JSONResponse, Response
 
 from fluxport.api.auth import calling_key
 from fluxport.api.streaming import ImageEventStream
-from fluxport.domain.errors import FluxportError, IdempotencyConflict, InvalidRequest
+from fluxport.domain.errors import (
+    FluxportError,
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    InvalidRequest,
+)
 from fluxport.storage.db import Database, IdempotencyRow
 
 log = logging.getLogger("fluxport.idempotency")
@@ -66,9 +75,14 @@ class Idempotency:
         owner = key_owner(request)
         slot = (owner, key)
         deadline = asyncio.get_running_loop().time() + self.stale_after_s
+        streamed: bool | None = None
         while True:
             running = self._inflight.get(slot)
             if running is not None:
+                if streamed is None:
+                    streamed = _wants_stream(request, raw)
+                if streamed:
+                    raise IdempotencyInProgress(_in_progress(key))
                 await asyncio.shield(running)
                 continue
             now = datetime.now(UTC)
@@ -90,8 +104,10 @@ class Idempotency:
             if row.state == "done":
                 return replay(row)
             # Running in another process: poll until it is answered, released or goes stale.
-            if asyncio.get_running_loop().time() > deadline:
-                raise IdempotencyConflict(f"The request with Idempotency-Key {key!r} is still running.")
+            if streamed is None:
+                streamed = _wants_stream(request, raw)
+            if streamed or asyncio.get_running_loop().time() > deadline:
+                raise IdempotencyInProgress(_in_progress(key))
             await asyncio.sleep(POLL_S)
 
     async def _purge_now_and_then(self) -> None:
@@ -168,6 +184,28 @@ class Idempotency:
         finally:
             self._inflight.pop(slot, None)
             done.set_result(None)
+
+
+def _in_progress(key: str) -> str:
+    return (
+        f"The request with Idempotency-Key {key!r} is still running; retry after Retry-After "
+        "seconds for its answer."
+    )
+
+
+_FORM_STREAM = re.compile(rb'name="stream"\r\n(?:[^\r\n]+\r\n)*\r\n\s*true\s*\r\n', re.IGNORECASE)
+
+
+def _wants_stream(request: Request, raw: bytes) -> bool:
+    """Whether the body asks for `stream` (JSON true, or a multipart field "true"); read only when
+    a duplicate would have to wait."""
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        return _FORM_STREAM.search(raw) is not None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("stream") is True
 
 
 def _body_hash(request: Request, raw: bytes) -> str:

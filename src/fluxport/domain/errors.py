@@ -185,6 +185,22 @@ class BudgetExceeded(FluxportError):
     code = "budget_exceeded"
 
 
+class IdempotencyInProgress(FluxportError):
+    """A request with this Idempotency-Key is still running: retry later for its answer (the
+    SDK retries 409 by itself, after Retry-After)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_in_progress"
+
+    def __init__(self, message: str, retry_after: float = 2.0) -> None:
+        super().__init__(
+            message,
+            param="Idempotency-Key",
+            headers={"retry-after": f"{max(1, round(retry_after))}", "x-should-retry": "true"},
+        )
+
+
 class IdempotencyConflict(FluxportError):
     """The Idempotency-Key was already used with a different body. The SDK retries 409: forbid it."""
 
