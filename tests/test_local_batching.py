@@ -113,7 +113,7 @@ def test_batches_are_bounded_by_images_and_megapixels(settings: dict[str, Any], 
         asyncio.run(provider.aclose())
 
 
-def test_one_job_cancelled_in_a_batch_leaves_the_others(alone: list[np.ndarray[Any, Any]]) -> None:
+def test_a_job_cancelled_while_waiting_is_left_out_of_the_batch(alone: list[np.ndarray[Any, Any]]) -> None:
     provider = LocalProvider(Settings(dummy_steps=STEPS, local_batch_images=4))
     Forwards(provider)
 
@@ -123,16 +123,54 @@ def test_one_job_cancelled_in_a_batch_leaves_the_others(alone: list[np.ndarray[A
         first = asyncio.ensure_future(provider.generate(JOBS[0], lambda e: None))
         second = asyncio.ensure_future(provider.generate(JOBS[1], lambda e: None))
         await asyncio.sleep(0.05)
-        second.cancel()  # its caller left while it waited in the batch
+        second.cancel()  # its caller left while it waited: the batch forms without it
         with pytest.raises(asyncio.CancelledError):
             await second
         await blocker
-        return await first, provider._workers["cpu"]
+        done = await first
+        worker = provider._workers["cpu"]
+        for _ in range(100):  # the cancelled job is answered (and dropped) just after
+            if worker.depth() == 0:
+                break
+            await asyncio.sleep(0.05)
+        return done, worker
 
     result, worker = asyncio.run(scenario())
     try:
         assert np.abs(pixels(result) - alone[0]).max() <= 2
         assert worker.depth() == 0
+    finally:
+        asyncio.run(provider.aclose())
+
+
+def test_a_job_cancelled_during_its_batch_leaves_the_others_running(
+    alone: list[np.ndarray[Any, Any]],
+) -> None:
+    provider = LocalProvider(Settings(dummy_steps=STEPS, local_batch_images=4))
+    forwards = Forwards(provider)
+
+    async def scenario() -> Any:
+        loop = asyncio.get_running_loop()
+        blocker = asyncio.ensure_future(provider.generate(BLOCKER, lambda e: None))
+        await asyncio.sleep(0.05)
+        leaving: asyncio.Future[Any] | None = None
+
+        def progress(event: Any) -> None:  # on the worker thread, inside the batched call
+            if event.stage == "step" and event.step == 2 and leaving is not None:
+                loop.call_soon_threadsafe(leaving.cancel)
+
+        staying = asyncio.ensure_future(provider.generate(JOBS[0], lambda e: None))
+        leaving = asyncio.ensure_future(provider.generate(JOBS[1], progress))
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        return await staying
+
+    try:
+        result = asyncio.run(scenario())
+        assert provider._workers["cpu"].batches == 1
+        assert forwards.calls == 2 * STEPS  # the batch ran to its end for the job that stayed
+        assert np.abs(pixels(result) - alone[0]).max() <= 2
     finally:
         asyncio.run(provider.aclose())
 
