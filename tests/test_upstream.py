@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -83,7 +84,14 @@ def test_a_fluxport_worker_serves_the_gateway(gateway: LiveServer, worker: LiveS
         response_format="b64_json",
         extra_body={"seed": 21, "guidance_scale": 3.5},
     )
-    assert [d.b64_json for d in result.data] == [d.b64_json for d in direct.data]
+    # Passed through untouched: each image is the worker's PNG. The worker made them in calls
+    # of 2 + 1 and directly in one of 3; CPU kernels may round a batch of 1 differently from one
+    # of 3 (seen on AMD EPYC), so the pixels are compared within that rounding.
+    for got, want in zip(result.data, direct.data, strict=True):
+        a, b = (Image.open(io.BytesIO(base64.b64decode(d.b64_json or ""))) for d in (got, want))
+        assert a.format == b.format == "PNG" and a.size == b.size == (256, 256)
+        pixels = [np.asarray(img.convert("RGB"), dtype=np.int16) for img in (a, b)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 2
 
     async def worker_rows() -> Any:
         db = await Database.open(worker.settings.resolved_database_url)
