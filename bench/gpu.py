@@ -20,7 +20,7 @@ Modes, each timed after one warm-up call, medians of `--repeat`, in this order (
   taylorseer   FLUXPORT_LOCAL_STEP_CACHE=taylorseer (interval 5, first 3 steps in full)
   turbo-8      the Turbo LoRA's 8-step schedule (what flux.2-dev-flash runs), plain otherwise
   batch-2      FLUXPORT_LOCAL_BATCH_IMAGES=2: two jobs in one call (s/image is half the call)
-  group*       FLUXPORT_LOCAL_OFFLOAD=group: blocks stream in from pinned CPU memory (2 a group)
+  group*       FLUXPORT_LOCAL_OFFLOAD=group: blocks stream in from CPU memory, one at a time
   fp8*         FLUXPORT_LOCAL_QUANTIZE=fp8 (torchao; dynamic FP8 matmuls on H100)
   nf4*         FLUXPORT_LOCAL_QUANTIZE=nf4 (bitsandbytes 4-bit)
   compile*     FLUXPORT_LOCAL_COMPILE=1 (regional torch.compile of the repeated blocks)
@@ -130,7 +130,9 @@ def prepare(pipe: Any, mode: Mode, device: str, dummy: bool) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        pipe.transformer = fresh_transformer("cpu" if mode.offload == "group" else device, dummy)
+        # Built on the GPU even for group offload (random init of 32B weights on a CPU takes
+        # many minutes); the offload hooks move it to the CPU.
+        pipe.transformer = fresh_transformer(device, dummy)
     on = getattr(pipe.transformer, "is_cache_enabled", False)
     if mode.cache and not on:
         config = TaylorSeerCacheConfig(

@@ -118,6 +118,10 @@ def test_text_encoder_on_its_own_device_gives_the_same_images(plain: np.ndarray[
         got = generate(provider, events=events)
         assert any("text encoder on cpu" in m for m in loading(events))
         assert np.array_equal(got, plain)
+        pipe = pipe_of(provider)
+        # The latents' device is pinned to the transformer's, not the text encoder's.
+        assert type(pipe).__name__ == "Flux2Pipeline" and str(pipe._execution_device) == "cpu"
+        assert getattr(type(pipe), "_fluxport_pinned", False)
         enhanced = asyncio.run(provider.generate(job(enhance=True), [].append))
         assert enhanced.revised_prompt
     finally:
@@ -131,8 +135,10 @@ def test_group_offload_gives_the_same_images(plain: np.ndarray[Any, Any]) -> Non
     events: list[Any] = []
     try:
         got = generate(provider, events=events)
-        assert any("group offload onto cpu (1 blocks a group)" in m for m in loading(events))
-        assert str(_get_group_onload_device(pipe_of(provider).transformer)) == "cpu"  # hooks in place
+        assert any("group offload onto cpu (1 block a group)" in m for m in loading(events))
+        pipe = pipe_of(provider)
+        assert str(_get_group_onload_device(pipe.transformer)) == "cpu"  # hooks in place
+        assert str(_get_group_onload_device(pipe.text_encoder)) == "cpu"  # layer by layer
         assert np.abs(got - plain).max() <= 1
     finally:
         asyncio.run(provider.aclose())

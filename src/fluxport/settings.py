@@ -166,7 +166,11 @@ class Settings(BaseSettings):
         "GPU at a time; group: the transformer's blocks stream in from pinned CPU memory (small cards).",
     )
     local_group_offload_blocks: int = Field(
-        default=2, ge=1, le=64, description="Group offload: transformer blocks moved to the GPU per group."
+        default=1,
+        ge=1,
+        le=64,
+        description="Group offload: transformer blocks moved to the GPU per group (1: prefetched on "
+        "a CUDA stream while the previous block computes; more: larger groups, no stream).",
     )
     # Batching: concurrent jobs with the same size, steps, guidance and model run in one call.
     local_batch_images: int = Field(

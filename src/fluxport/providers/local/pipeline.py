@@ -92,7 +92,7 @@ class _Pipelines:
             where = "flux.2-dev"
         try:
             offload = offload_mode(pipe, self.settings, device)
-            for done in quantize(pipe, self.settings, device):
+            for done in quantize(pipe, self.settings, device, offload):
                 progress(ProgressEvent(stage="loading", step=1, total=3, message=f"quantised the {done}"))
             placed = place(pipe, self.settings, device, offload)
         except FluxportError:
@@ -100,15 +100,18 @@ class _Pipelines:
         except Exception as exc:
             raise _failure(exc, f"placing {where} on {device}") from exc
         progress(ProgressEvent(stage="loading", step=2, total=3, message=f"{where}: {placed}"))
-        ensure_processor_shape(pipe.tokenizer)
-        pipe.set_progress_bar_config(disable=True)
-        # Decode a batch one image at a time: the decoder's full-resolution activations are the
-        # peak of a large batch (n=8 at 2048x2048 on the dummy: 3.8 GiB at once); the result is
-        # the same.
-        pipe.vae.enable_slicing()
-        _enable_step_cache(pipe, self.settings)
-        if self.settings.local_compile:
-            _compile(pipe, self.settings, progress)
+        try:
+            ensure_processor_shape(pipe.tokenizer)
+            pipe.set_progress_bar_config(disable=True)
+            # Decode a batch one image at a time: the decoder's full-resolution activations are
+            # the peak of a large batch (n=8 at 2048x2048 on the dummy: 3.8 GiB at once); the
+            # result is the same.
+            pipe.vae.enable_slicing()
+            _enable_step_cache(pipe, self.settings)
+            if self.settings.local_compile:
+                _compile(pipe, self.settings, progress)
+        except Exception as exc:
+            raise _failure(exc, f"preparing {where} (step cache, compile)") from exc
         progress(ProgressEvent(stage="loading", step=3, total=3, message=f"{where} ready"))
         self._pipes[family] = pipe
         return pipe

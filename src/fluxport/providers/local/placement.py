@@ -39,20 +39,26 @@ def _language_layer(fqn: str) -> bool:
     return "language_model." in fqn and ".layers." in fqn
 
 
-def quantize(pipe: Any, settings: Settings, device: str) -> list[str]:
-    """FLUXPORT_LOCAL_QUANTIZE (+ _TEXT_ENCODER): quantise in place, each layer moved to its
-    device first, so the bf16 weights never need to fit on the GPU at once. Returns what it did."""
+def quantize(pipe: Any, settings: Settings, device: str, offload: str = "none") -> list[str]:
+    """FLUXPORT_LOCAL_QUANTIZE (+ _TEXT_ENCODER): quantise in place one linear layer at a time,
+    each moved to its device to be quantised there; with an offloading placement each goes back
+    to the CPU at once, so neither the bf16 nor the quantised weights need to fit on the GPU
+    together. Returns what it did."""
     mode = settings.local_quantize
     if mode == "off":
         return []
-    done = [f"transformer blocks {_quantize_module(pipe.transformer, mode, device, _transformer_block)}"]
+    back = offload != "none"
+    blocks = _quantize_module(pipe.transformer, mode, device, _transformer_block, back)
+    done = [f"transformer blocks {blocks}"]
     if settings.local_quantize_text_encoder:
         where = settings.local_text_encoder_device or device
-        done.append(f"text encoder {_quantize_module(pipe.text_encoder, mode, where, _language_layer)}")
+        text_back = back and settings.local_text_encoder_device is None
+        text = _quantize_module(pipe.text_encoder, mode, where, _language_layer, text_back)
+        done.append(f"text encoder {text}")
     return done
 
 
-def _quantize_module(module: Any, mode: str, device: str, wanted: Any) -> str:
+def _quantize_module(module: Any, mode: str, device: str, wanted: Any, back_to_cpu: bool = False) -> str:
     import torch
 
     library = {"fp8": "torchao", "nf4": "bitsandbytes"}[mode]
@@ -75,11 +81,13 @@ def _quantize_module(module: Any, mode: str, device: str, wanted: Any) -> str:
             else ao.Float8WeightOnlyConfig()
         )
 
-        def chosen(m: Any, fqn: str) -> bool:
-            return isinstance(m, torch.nn.Linear) and bool(wanted(fqn))
-
-        count = sum(1 for fqn, m in module.named_modules() if chosen(m, fqn))
-        ao.quantize_(module, config, filter_fn=chosen, device=device)
+        linear = torch.nn.Linear
+        layers = [m for fqn, m in module.named_modules() if isinstance(m, linear) and wanted(fqn)]
+        for layer in layers:  # one at a time: quantize_ on the whole model would move it all
+            ao.quantize_(layer, config, filter_fn=lambda m, fqn: isinstance(m, linear), device=device)
+            if back_to_cpu:
+                layer.to("cpu")
+        count = len(layers)
         return f"fp8 ({'dynamic activations' if fast else 'weight-only'}, torchao): {count} linear layers"
     return f"nf4 (bitsandbytes): {_to_nf4(module, device, dtype, wanted)} linear layers"
 
@@ -117,11 +125,25 @@ def offload_mode(pipe: Any, settings: Settings, device: str) -> str:
 
     if settings.local_offload != "auto":
         return settings.local_offload
-    if device.startswith("cuda"):
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        if gpu_bytes(pipe, settings, device) > free - HEADROOM:
-            return "model"
-    return "none"
+    if not device.startswith("cuda"):
+        return "none"
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    need = gpu_bytes(pipe, settings, device)
+    if need <= free - HEADROOM:
+        return "none"
+    short = f"needs {need / GIB:.0f} GB on {device} with {free / GIB:.0f} GB free"
+    if settings.local_quantize == "nf4":
+        raise ProviderFailure(
+            f"FLUX.2 [dev] {short}, and nf4 weights cannot be offloaded: also set "
+            "FLUXPORT_LOCAL_QUANTIZE_TEXT_ENCODER=true or FLUXPORT_LOCAL_TEXT_ENCODER_DEVICE"
+        )
+    if settings.local_text_encoder_device is not None:
+        if settings.local_compile:
+            raise ProviderFailure(
+                f"FLUX.2 [dev] {short}: group offload would fit it, but not with FLUXPORT_LOCAL_COMPILE"
+            )
+        return "group"  # model offload would put the text encoder back on this GPU
+    return "model"
 
 
 def place(pipe: Any, settings: Settings, device: str, mode: str) -> str:
@@ -133,29 +155,70 @@ def place(pipe: Any, settings: Settings, device: str, mode: str) -> str:
     if mode == "model":
         pipe.enable_model_cpu_offload(device=device)
         return f"model CPU offload onto {device}"
-    if text_device is not None:
-        pipe.text_encoder.to(text_device)
+    pipe.vae.to(device)  # small, and it decodes partials between steps: always resident
     if mode == "group":
-        cuda = device.startswith("cuda")
-        # The VAE is small and decodes partials between steps: it stays resident.
-        pipe.enable_group_offload(
-            onload_device=torch.device(device),
-            offload_device=torch.device("cpu"),
+        hooks: Any = importlib.import_module("diffusers.hooks")
+
+        blocks = settings.local_group_offload_blocks
+        # diffusers prefetches on a CUDA stream one block at a time only; larger groups go without.
+        stream = device.startswith("cuda") and blocks == 1
+        onload, offload = torch.device(device), torch.device("cpu")
+        pipe.transformer.enable_group_offload(
+            onload_device=onload,
+            offload_device=offload,
             offload_type="block_level",
-            num_blocks_per_group=settings.local_group_offload_blocks,
-            use_stream=cuda,
-            exclude_modules=["vae"] + (["text_encoder"] if text_device else []),
+            num_blocks_per_group=blocks,
+            use_stream=stream,
         )
-        pipe.vae.to(device)
-        where = f"group offload onto {device} ({settings.local_group_offload_blocks} blocks a group)"
+        where = f"group offload onto {device} ({blocks} block{'s' if blocks > 1 else ''} a group"
+        where += ", prefetched on a CUDA stream)" if stream else ")"
+        if text_device is None and pipe.text_encoder is not None:  # bench/gpu.py runs without one
+            # Mistral3 has no top-level block list: its layers move one by one (it runs once a job).
+            hooks.apply_group_offloading(
+                pipe.text_encoder, onload_device=onload, offload_device=offload, offload_type="leaf_level"
+            )
     else:
-        for name in COMPONENTS:
-            if name != "text_encoder" or text_device is None:
-                getattr(pipe, name).to(device)
+        pipe.transformer.to(device)
+        if text_device is None and pipe.text_encoder is not None:
+            pipe.text_encoder.to(device)
         where = f"resident on {device}"
     if text_device is not None:
+        pipe.text_encoder.to(text_device)
+        _pin_execution_device(pipe, device)
         where += f", text encoder on {text_device}"
     return where
+
+
+def _pin_execution_device(pipe: Any, device: str) -> None:
+    """diffusers takes the execution device from the first component off the CPU, in name order:
+    the text encoder on a GPU of its own would win, and the latents would land there. The
+    pipeline runs on `device`: a subclass (once per pipeline class) says so."""
+    import torch
+
+    cls = type(pipe)
+    if not getattr(cls, "_fluxport_pinned", False):
+        pinned = type(
+            cls.__name__,
+            (cls,),
+            {
+                "_fluxport_pinned": True,
+                "_execution_device": property(lambda self: self._fluxport_device),
+                "__module__": cls.__module__,
+            },
+        )
+        pipe.__class__ = pinned
+    pipe._fluxport_device = torch.device(device)
+
+
+def same_device(a: str, b: str) -> bool:
+    """Whether two device names are one device ("cuda" is cuda:0: fluxport never sets another)."""
+    import torch
+
+    def resolved(name: str) -> Any:
+        d = torch.device(name)
+        return torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d
+
+    return bool(resolved(a) == resolved(b))
 
 
 def text_encoder_device(pipe: Any, settings: Settings) -> Any:
@@ -173,14 +236,15 @@ def encode_prompts(pipe: Any, prompts: list[str], settings: Settings) -> dict[st
     if settings.local_text_encoder_device is None:
         return {"prompt": prompts}
     embeds, _text_ids = pipe.encode_prompt(prompt=prompts, device=text_encoder_device(pipe, settings))
-    return {"prompt_embeds": embeds.to(pipe._execution_device)}
+    return {"prompt_embeds": embeds.to(pipe._execution_device)}  # pinned to the transformer's
 
 
 def gpu_bytes(pipe: Any, settings: Settings, device: str) -> int:
     """What the loaded, not yet quantised components will take on `device` once quantised."""
     total = 0
     for name in COMPONENTS:
-        if name == "text_encoder" and settings.local_text_encoder_device not in (None, device):
+        text_device = settings.local_text_encoder_device
+        if name == "text_encoder" and text_device is not None and not same_device(text_device, device):
             continue
         size = sum(p.numel() * p.element_size() for p in getattr(pipe, name).parameters())
         if name == "transformer" or (name == "text_encoder" and settings.local_quantize_text_encoder):
@@ -212,13 +276,14 @@ def placement_note(settings: Settings) -> str | None:
     shrink = _SHRINK[settings.local_quantize]
     transformer = sizes["transformer"] * shrink
     text = sizes["text_encoder"] * (shrink if settings.local_quantize_text_encoder else 1.0)
-    text_elsewhere = settings.local_text_encoder_device not in (None, "cuda", "cuda:0")
+    text_device = settings.local_text_encoder_device
+    text_elsewhere = text_device is not None and not same_device(text_device, "cuda")
     need = transformer + sizes["vae"] + (0 if text_elsewhere else text)
     quant = "" if settings.local_quantize == "off" else f" with {settings.local_quantize} weights"
     free, _total = torch.cuda.mem_get_info()
     if settings.local_offload == "group":
         return (
-            f"FLUX.2 [dev]{quant} with group offload: its transformer streams in from pinned CPU "
+            f"FLUX.2 [dev]{quant} with group offload: its transformer streams in from CPU "
             f"memory ({transformer / GIB:.0f} GB of host RAM), a few GB on the GPU; "
             "roughly 1.5-3x slower per step than resident."
         )
