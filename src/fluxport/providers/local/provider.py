@@ -75,6 +75,13 @@ class LocalProvider:
             return ProviderState(False, f"the local provider does not serve {model!r}")
         if not self._installed:
             return ProviderState(False, INSTALL_HINT)
+        library = {"fp8": "torchao", "nf4": "bitsandbytes"}.get(self.settings.local_quantize)
+        if library and importlib.util.find_spec(library) is None:
+            return ProviderState(
+                False,
+                f"FLUXPORT_LOCAL_QUANTIZE={self.settings.local_quantize} needs {library}: "
+                "install fluxport[quant]",
+            )
         if model == DUMMY:
             return ProviderState(True, "built in: FLUX.2 at tiny size with random weights, on cpu (noise)")
         problem = self._weights_problem()

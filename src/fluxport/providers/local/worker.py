@@ -90,6 +90,8 @@ class _DeviceWorker:
             payload=payload,
         )
         with self._lock:
+            if self._stopping:
+                raise ProviderFailure(f"The local {self.device} worker is shut down.")
             ahead = len(self._pending)
             # One job runs and `queue_size` wait; counting both keeps admission independent of
             # whether the thread has picked up its next job yet.
@@ -200,6 +202,12 @@ class _DeviceWorker:
         with self._lock:
             self._durations.append(time.monotonic() - started)
             self.batches += 1
+        if isinstance(error, ProviderFailure) and str(error).startswith("Out of memory"):
+            # Together they did not fit: each runs alone, as it would have without batching.
+            for task in group:
+                self._run_one(task)
+            return
+        with self._lock:
             for task in group:
                 self._pending.remove(task)
         for i, task in enumerate(group):
