@@ -237,8 +237,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         local = providers.get("local")
         if isinstance(local, LocalProvider):
             app.state.metrics.track_queue("local", local.queue_depths)
-            if settings.local_warm:  # before the server listens: the first request pays nothing
-                await warm(local, settings.local_warm)
         app.state.settings = settings
         app.state.service = service
         await _keys_and_idempotency(app, settings, db)
@@ -252,6 +250,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         try:
+            if settings.local_warm and isinstance(local, LocalProvider):
+                # Before the server listens: the first request pays nothing. A failure stops the
+                # start, and what was opened above is closed below.
+                await warm(local, settings.local_warm)
             yield
         finally:
             for task in (sweeper, watcher, releaser):
