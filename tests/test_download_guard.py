@@ -11,7 +11,8 @@ from fluxport.domain.errors import ProviderFailure
 from fluxport.domain.job import ImageJob, Operation, Size
 from fluxport.providers import fal as fal_module
 from fluxport.providers import replicate as replicate_module
-from fluxport.providers._hosted import DownloadGuard, HttpPolicy, RefusedURL
+from fluxport.providers._hosted import HttpPolicy
+from fluxport.providers.download_guard import DownloadGuard, RefusedURL
 from fluxport.providers.fal import FalProvider
 from fluxport.providers.replicate import ReplicateProvider
 from fluxport.settings import Settings

@@ -1,4 +1,5 @@
-"""Plumbing shared by the hosted adapters (fal, Replicate): HTTP policy, sizes, downloads, errors.
+"""Plumbing shared by the hosted adapters (fal, Replicate, upstreams): HTTP policy, downloads
+(through providers/download_guard.py), progress, errors.
 
 Provider calls go straight through aiohttp's client (one kept-alive pool per provider). They went
 through httpx on an aiohttp transport before: httpx's request and response models, URL parsing,
@@ -15,15 +16,13 @@ import contextlib
 import email.utils
 import functools
 import io
-import ipaddress
 import json
 import re
-import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -34,9 +33,10 @@ from fluxport.domain.errors import FluxportError, ProviderFailure, RateLimited
 from fluxport.domain.job import ReferenceImage
 from fluxport.media import REFERENCE_FORMATS, sniff_format
 from fluxport.providers.base import BilledCancellation, GeneratedImage, ProgressCallback, ProgressEvent, Stage
+from fluxport.providers.download_guard import DownloadGuard, RefusedURL, origin_of
 
 if TYPE_CHECKING:
-    from fluxport.settings import Settings
+    pass
 
 
 @dataclass(frozen=True)
@@ -147,101 +147,7 @@ class Progress:
 # --------------------------------------------------------------------------------------------
 # Download guard: result image URLs come from the provider's answer, so they are untrusted input.
 
-Resolver = Callable[[str, int], Awaitable[list[str]]]
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class RefusedURL(ValueError):
-    """A result image URL the download policy does not allow (the message says why)."""
-
-
-async def _resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to, looked up off the event loop."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
-
-
-def _public(address: str) -> bool:
-    """True for a globally routable unicast address (not private, loopback, link-local, ...)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not (
-        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-    )
-
-
-@dataclass(frozen=True)
-class DownloadGuard:
-    """Which result image URLs may be fetched: https from `hosts` (a domain and its subdomains) that
-    resolve only to public addresses; or exactly the scheme, host and port of a configured provider
-    base URL (`trusted`: that is how loopback emulators work in tests; the operator chose them)."""
-
-    hosts: tuple[str, ...]
-    trusted: frozenset[tuple[str, str, int]] = frozenset()
-    resolver: Resolver = field(default=_resolve, compare=False)
-    max_redirects: int = 3
-
-    @classmethod
-    def of(cls, hosts: Iterable[str], provider_urls: Iterable[str] = (), **kw: Any) -> DownloadGuard:
-        domains = tuple(h.strip().lower().rstrip(".") for h in hosts if h.strip().strip("."))
-        trusted = set()
-        for raw in provider_urls:
-            with contextlib.suppress(TypeError, ValueError):
-                url = URL(raw)
-                if url.scheme in _DEFAULT_PORTS and url.host:
-                    trusted.add(_origin(url))
-        return cls(domains, frozenset(trusted), **kw)
-
-    @classmethod
-    def for_provider(cls, settings: Settings, hosts: Iterable[str], base_url: str) -> DownloadGuard:
-        """A provider's guard: FLUXPORT_DOWNLOAD_HOSTS if set, else the provider's own image hosts;
-        and its configured base URL as trusted."""
-        chosen = settings.download_hosts if settings.download_hosts is not None else hosts
-        return cls.of(chosen, (base_url,))
-
-    def allowed_host(self, host: str) -> bool:
-        host = host.lower().rstrip(".")
-        return any(host == d or host.endswith("." + d) for d in self.hosts)
-
-    async def check(self, url: str | URL) -> URL:
-        """The parsed URL when it may be fetched; RefusedURL otherwise."""
-        try:
-            parsed = url if isinstance(url, URL) else URL(url)
-            host = parsed.host
-        except (TypeError, ValueError) as exc:
-            raise RefusedURL(f"malformed URL ({exc})") from None
-        if parsed.scheme not in _DEFAULT_PORTS or not host:
-            raise RefusedURL(f"scheme {parsed.scheme!r} is not https")
-        if parsed.user or parsed.password:
-            raise RefusedURL("credentials in the URL")
-        if _origin(parsed) in self.trusted:
-            return parsed
-        if parsed.scheme != "https":
-            raise RefusedURL("only https downloads are allowed")
-        if not self.allowed_host(host):
-            raise RefusedURL(f"host {host!r} is not an allowed download host")
-        port = parsed.port or 443
-        try:
-            addresses = await self.resolver(host, port)
-        except OSError as exc:
-            raise RefusedURL(f"host {host!r} does not resolve ({exc})") from None
-        if not addresses:
-            raise RefusedURL(f"host {host!r} does not resolve")
-        for address in addresses:
-            try:
-                public = _public(address)
-            except ValueError:
-                public = False
-            if not public:
-                raise RefusedURL(f"host {host!r} resolves to the non-public address {address}")
-        return parsed
-
-
-def _origin(url: URL) -> tuple[str, str, int]:
-    host = (url.host or "").lower().rstrip(".")
-    return url.scheme, host, url.port or _DEFAULT_PORTS.get(url.scheme, 0)
 
 
 def _shown(url: str | URL) -> str:
@@ -433,7 +339,7 @@ class Http:
         self, url: str, credentials: Mapping[str, str] | None, origin: str | None
     ) -> tuple[bytes, float]:
         target: str | URL = url
-        owner = _origin(URL(origin)) if origin else None
+        owner = origin_of(URL(origin)) if origin else None
         for _hop in range(self.guard.max_redirects + 1):
             try:
                 checked = await self.guard.check(target)
@@ -441,7 +347,7 @@ class Http:
                 raise ProviderFailure(
                     f"{self.provider}: refused to download the result image from {_shown(target)}: {exc}."
                 ) from None
-            headers = credentials if credentials and owner == _origin(checked) else None
+            headers = credentials if credentials and owner == origin_of(checked) else None
             result = await self._fetch(checked, headers)
             if isinstance(result, URL):
                 target = result  # a redirect: the next hop is checked like the first

@@ -20,7 +20,6 @@ from fluxport.domain.errors import ContentPolicyViolation, FluxportError, Invali
 from fluxport.domain.job import ImageJob
 from fluxport.providers._hosted import (
     TRANSPORT_ERRORS,
-    DownloadGuard,
     Http,
     HttpPolicy,
     Progress,
@@ -39,6 +38,7 @@ from fluxport.providers.base import (
     Rate,
     SizePolicy,
 )
+from fluxport.providers.download_guard import DownloadGuard
 from fluxport.settings import Settings
 
 log = logging.getLogger(__name__)

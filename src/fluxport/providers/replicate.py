@@ -17,7 +17,6 @@ from fluxport.domain.job import ImageJob, Size
 from fluxport.domain.sizing import Preset
 from fluxport.providers._hosted import (
     TRANSPORT_ERRORS,
-    DownloadGuard,
     Http,
     HttpPolicy,
     Progress,
@@ -36,6 +35,7 @@ from fluxport.providers.base import (
     Rate,
     SizePolicy,
 )
+from fluxport.providers.download_guard import DownloadGuard
 from fluxport.settings import Settings
 
 log = logging.getLogger(__name__)

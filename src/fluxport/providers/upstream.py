@@ -32,7 +32,6 @@ from fluxport.domain.errors import FluxportError, InvalidRequest, ProviderFailur
 from fluxport.domain.job import ImageJob
 from fluxport.domain.pricing import Rate
 from fluxport.providers._hosted import (
-    DownloadGuard,
     Http,
     HttpPolicy,
     Reply,
@@ -48,6 +47,7 @@ from fluxport.providers.base import (
     ProviderState,
     SizePolicy,
 )
+from fluxport.providers.download_guard import DownloadGuard
 from fluxport.settings import Settings, UpstreamConfig
 
 EXTRAS = frozenset({"num_inference_steps", "guidance_scale", "negative_prompt"})
