@@ -323,7 +323,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _local_placement(self) -> Settings:
-        local = ("flux.2-dev", "flux.2-dev-flash", "flux.2-dummy")
+        from fluxport.providers.local.plan import MODELS as local  # data only, no torch
+
         for model in self.local_warm:
             if model not in local:
                 raise ValueError(f"FLUXPORT_LOCAL_WARM: {model!r} is not a local model ({', '.join(local)})")

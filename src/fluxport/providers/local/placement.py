@@ -58,14 +58,20 @@ def quantize(pipe: Any, settings: Settings, device: str, offload: str = "none") 
     return done
 
 
+def missing_library(mode: str) -> str | None:
+    """What FLUXPORT_LOCAL_QUANTIZE=`mode` needs and this install lacks, in words (None: nothing)."""
+    library = {"fp8": "torchao", "nf4": "bitsandbytes"}.get(mode)
+    if library is None or importlib.util.find_spec(library) is not None:
+        return None
+    return f"FLUXPORT_LOCAL_QUANTIZE={mode} needs {library}: install fluxport[quant]"
+
+
 def _quantize_module(module: Any, mode: str, device: str, wanted: Any, back_to_cpu: bool = False) -> str:
     import torch
 
-    library = {"fp8": "torchao", "nf4": "bitsandbytes"}[mode]
-    if importlib.util.find_spec(library) is None:
-        raise ProviderFailure(
-            f"FLUXPORT_LOCAL_QUANTIZE={mode} needs {library}: pip install 'fluxport[quant]'"
-        )
+    missing = missing_library(mode)
+    if missing:
+        raise ProviderFailure(missing)
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if mode == "fp8":
@@ -242,8 +248,8 @@ def encode_prompts(pipe: Any, prompts: list[str], settings: Settings) -> dict[st
 def gpu_bytes(pipe: Any, settings: Settings, device: str) -> int:
     """What the loaded, not yet quantised components will take on `device` once quantised."""
     total = 0
+    text_device = settings.local_text_encoder_device
     for name in COMPONENTS:
-        text_device = settings.local_text_encoder_device
         if name == "text_encoder" and text_device is not None and not same_device(text_device, device):
             continue
         size = sum(p.numel() * p.element_size() for p in getattr(pipe, name).parameters())

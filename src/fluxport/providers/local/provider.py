@@ -22,6 +22,7 @@ from fluxport.providers.base import (
     SizePolicy,
 )
 from fluxport.providers.local.pipeline import _Job, _Output, _Pipelines
+from fluxport.providers.local.placement import missing_library
 from fluxport.providers.local.plan import DEV, DUMMY, FLASH, MODELS, _Plan, plan_job
 from fluxport.providers.local.worker import BatchLimits, _DeviceWorker, _Task
 
@@ -75,13 +76,9 @@ class LocalProvider:
             return ProviderState(False, f"the local provider does not serve {model!r}")
         if not self._installed:
             return ProviderState(False, INSTALL_HINT)
-        library = {"fp8": "torchao", "nf4": "bitsandbytes"}.get(self.settings.local_quantize)
-        if library and importlib.util.find_spec(library) is None:
-            return ProviderState(
-                False,
-                f"FLUXPORT_LOCAL_QUANTIZE={self.settings.local_quantize} needs {library}: "
-                "install fluxport[quant]",
-            )
+        missing = missing_library(self.settings.local_quantize)
+        if missing:
+            return ProviderState(False, missing)
         if model == DUMMY:
             return ProviderState(True, "built in: FLUX.2 at tiny size with random weights, on cpu (noise)")
         problem = self._weights_problem()
@@ -197,13 +194,12 @@ class LocalProvider:
         start = time.monotonic()
         plan = self._plan(job)
         worker = self._worker(plan.device)
-        key = plan.batch_key() if self.settings.local_batch_images > 1 else None
-        task, ahead = worker.submit(
+        task, ahead = worker.submit(  # the worker batches only where its limits allow it
             lambda t: self._pipelines.execute(plan, t, progress),
-            batch_key=key,
+            batch_key=plan.batch_key(),
             images=job.n,
             pixels=job.n * plan.width * plan.height,
-            run_batch=self._run_batch if key is not None else None,
+            run_batch=self._run_batch,
             payload=(plan, progress),
         )
         progress(ProgressEvent(stage="queued", step=0, total=0, message=f"{ahead} job(s) ahead"))
